@@ -1,0 +1,1 @@
+"""The Minkowski-difference linear separability measures (DESIGN §2)."""
