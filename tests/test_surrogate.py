@@ -1,0 +1,355 @@
+"""Tests of the soft MD-LSM surrogate against an independent numpy / brute-force reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lsm_train.surrogate as sur
+from lsm_train.surrogate import fisher_directions, soft_md_lsm, soft_pair_score
+
+# --------------------------------------------------------------------------- references
+
+
+def _sigmoid(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _ref_directions(H, y, scheme, shrinkage):
+    """Documented formula, primal d × d solve, explicit loops: list of (ŵ, A rows, B rows)."""
+    H = np.asarray(H, dtype=np.float64)
+    y = np.asarray(y)
+    n, d = H.shape
+    classes = np.unique(y)
+    K = len(classes)
+    mus = {c: H[y == c].mean(0) for c in classes}
+    Sigma = np.zeros((d, d))
+    for c in classes:
+        D = H[y == c] - mus[c]
+        Sigma += D.T @ D
+    Sigma /= max(n - K, 1)
+    vbar = ((H - H.mean(0)) ** 2).sum() / (n * d)
+    Ss = (1 - shrinkage) * Sigma + (shrinkage * np.trace(Sigma) / d + 1e-6 * vbar) * np.eye(d)
+    Ss_t = torch.from_numpy(Ss)
+    out = []
+    if scheme == "pairwise":
+        tasks = [(k, l) for i, k in enumerate(classes) for l in classes[i + 1 :]]
+        sets = [(H[y == k], H[y == l]) for k, l in tasks]
+    else:
+        sets = [(H[y == k], H[y != k]) for k in classes]
+    for A, B in sets:
+        delta = A.mean(0) - B.mean(0)
+        v = torch.linalg.solve(Ss_t, torch.from_numpy(delta)).numpy()
+        out.append((v / np.sqrt(delta @ v), A, B))
+    return out
+
+
+def _ref_soft(H, y, tau=0.5, scheme="pairwise", shrinkage=0.1):
+    vals = []
+    for w, A, B in _ref_directions(H, y, scheme, shrinkage):
+        diff = (A @ w)[:, None] - (B @ w)[None, :]
+        vals.append(_sigmoid(diff / tau).mean())
+    return float(np.mean(vals))
+
+
+def _brute_auc(A, B, w):
+    total = 0.0
+    for a in A:
+        for b in B:
+            t = float(w @ (a - b))
+            total += 1.0 if t > 0 else (0.5 if t == 0 else 0.0)
+    return total / (len(A) * len(B))
+
+
+def _data(n=30, d=5, K=3, seed=0, shift=1.5, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % K
+    H = torch.randn(n, d, generator=g, dtype=dtype)
+    H[:, 0] += shift * y.to(dtype)
+    H[:, 1] -= shift * (y == 1).to(dtype)
+    return H, y
+
+
+# --------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("scheme", ["pairwise", "ovr"])
+@pytest.mark.parametrize("n,d", [(30, 5), (12, 40)])  # primal (d <= n) and dual (d > n)
+@pytest.mark.parametrize("shrinkage", [0.0, 0.1, 1.0])
+def test_matches_reference(scheme, n, d, shrinkage):
+    H, y = _data(n, d)
+    got = soft_md_lsm(H, y, tau=0.7, scheme=scheme, shrinkage=shrinkage)
+    assert got.ndim == 0 and got.dtype == torch.float64
+    ref = _ref_soft(H.numpy(), y.numpy(), 0.7, scheme, shrinkage)
+    np.testing.assert_allclose(float(got), ref, rtol=1e-7 if shrinkage > 0 else 1e-5)
+
+
+def test_dual_equals_primal_solve():
+    g = torch.Generator().manual_seed(1)
+    U = torch.randn(9, 30, generator=g, dtype=torch.float64)
+    R = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    alpha = torch.tensor(0.3, dtype=torch.float64)
+    primal = torch.linalg.solve(alpha * torch.eye(30, dtype=torch.float64) + 0.2 * U.T @ U, R)
+    dual = sur._shrunk_solve(U, R, alpha, 0.2, dual=True)
+    np.testing.assert_allclose(dual.numpy(), primal.numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        sur._shrunk_solve(U, R, alpha, 0.2, dual=False).numpy(), primal.numpy(), rtol=1e-9
+    )
+
+
+def test_dual_path_never_forms_d_by_d(monkeypatch):
+    sizes = []
+    real = sur._spd_solve
+
+    def spy(S, R):
+        sizes.append(S.shape)
+        return real(S, R)
+
+    monkeypatch.setattr(sur, "_spd_solve", spy)
+    H, y = _data(12, 200, K=4)
+    v = soft_md_lsm(H, y)
+    assert torch.isfinite(v)
+    assert sizes == [(12, 12)]  # one factorization for all class pairs, n × n
+    sizes.clear()
+    soft_md_lsm(*_data(40, 6, K=4))
+    assert sizes == [(6, 6)]
+
+
+def test_scale_and_translation_invariance():
+    H, y = _data(24, 6)
+    base = float(soft_md_lsm(H, y))
+    for c in (1e-3, 7.0, 1e4):
+        np.testing.assert_allclose(float(soft_md_lsm(c * H, y)), base, rtol=1e-10)
+    np.testing.assert_allclose(float(soft_md_lsm(H + 123.0, y)), base, rtol=1e-9)
+    Hd, yd = _data(10, 30)  # dual path
+    np.testing.assert_allclose(
+        float(soft_md_lsm(1e3 * Hd, yd, scheme="ovr")),
+        float(soft_md_lsm(Hd, yd, scheme="ovr")),
+        rtol=1e-9,
+    )
+
+
+@pytest.mark.parametrize("scheme", ["pairwise", "ovr"])
+def test_tau_to_zero_is_degree_of_direction(scheme):
+    # small integer grid: exact ties across classes, including a duplicated point
+    g = torch.Generator().manual_seed(3)
+    H = torch.randint(-3, 4, (21, 3), generator=g).to(torch.float64)
+    y = torch.arange(21) % 3
+    H[1] = H[0]  # same point in classes 0 and 1: a tie of 1/2 for every direction
+    H[2] = H[0]
+    tau = 1e-9
+    dirs = _ref_directions(H.numpy(), y.numpy(), scheme, 0.1)
+    expected = np.mean([_brute_auc(A, B, w) for w, A, B in dirs])
+    # the limit is only meaningful when every non-tied gap is >> tau
+    gaps = np.concatenate([np.abs((A @ w)[:, None] - (B @ w)[None, :]).ravel() for w, A, B in dirs])
+    assert gaps[gaps > 1e-12].min() > 1e-6
+    assert (gaps <= 1e-12).any()
+    got = float(soft_md_lsm(H, y, tau=tau, scheme=scheme))
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_fisher_directions_match_reference():
+    H, y = _data(20, 4)
+    for scheme in ("pairwise", "ovr"):
+        W, tasks, classes = fisher_directions(H, y, scheme=scheme)
+        ref = _ref_directions(H.numpy(), y.numpy(), scheme, 0.1)
+        assert W.shape == (4, len(ref)) and len(tasks) == len(ref)
+        for t, (w, _, _) in enumerate(ref):
+            np.testing.assert_allclose(W[:, t].numpy(), w, rtol=1e-6)
+    assert tasks[0] == (0, None) and classes.tolist() == [0, 1, 2]
+
+
+def test_ovr_two_classes_equals_pairwise_and_label_permutation():
+    H, y = _data(20, 4, K=2)
+    np.testing.assert_allclose(
+        float(soft_md_lsm(H, y, scheme="ovr")), float(soft_md_lsm(H, y)), rtol=1e-12
+    )
+    H3, y3 = _data(21, 4, K=3)
+    relabeled = torch.tensor([7, 2, 40])[y3]
+    for scheme in ("pairwise", "ovr"):
+        np.testing.assert_allclose(
+            float(soft_md_lsm(H3, relabeled, scheme=scheme)),
+            float(soft_md_lsm(H3, y3, scheme=scheme)),
+            rtol=1e-12,
+        )
+
+
+def test_value_range():
+    H, y = _data(30, 5, shift=0.0)
+    for tau in (1e-3, 0.5, 1e3):
+        for scheme in ("pairwise", "ovr"):
+            v = float(soft_md_lsm(H, y, tau=tau, scheme=scheme))
+            assert 0.0 <= v <= 1.0
+    assert abs(float(soft_md_lsm(H, y, tau=1e6)) - 0.5) < 1e-5
+    Hs, ys = _data(30, 5, shift=50.0)
+    assert float(soft_md_lsm(Hs, ys, tau=0.1)) > 0.999
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("n,d", [(8, 3), (7, 12)])
+@pytest.mark.parametrize("scheme", ["pairwise", "ovr"])
+def test_gradcheck(n, d, scheme):
+    H, y = _data(n, d, shift=0.5)
+    H.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda h: soft_md_lsm(h, y, tau=0.8, scheme=scheme), (H,))
+
+
+def test_gradcheck_soft_pair_score():
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, w: soft_pair_score(a, b, w, 0.7), (a, b, w))
+
+
+@pytest.mark.parametrize("n,d", [(15, 4), (9, 20)])
+def test_detach_directions_is_gradient_with_fixed_directions(n, d):
+    H, y = _data(n, d, shift=0.3)
+    tau = 4.0  # d > n is separable: a large tau keeps the gradients away from saturation
+    W, tasks, _ = fisher_directions(H, y)
+    Hg = H.clone().requires_grad_(True)
+    manual = torch.stack(
+        [soft_pair_score(Hg[y == k], Hg[y == l], W[:, t], tau) for t, (k, l) in enumerate(tasks)]
+    ).mean()
+    (g_manual,) = torch.autograd.grad(manual, Hg)
+    H1 = H.clone().requires_grad_(True)
+    v = soft_md_lsm(H1, y, tau, detach_directions=True)
+    (g_det,) = torch.autograd.grad(v, H1)
+    np.testing.assert_allclose(v.item(), manual.item(), rtol=1e-10)
+    np.testing.assert_allclose(g_det.numpy(), g_manual.numpy(), rtol=1e-7, atol=1e-12)
+    H2 = H.clone().requires_grad_(True)
+    (g_full,) = torch.autograd.grad(soft_md_lsm(H2, y, tau), H2)
+    assert (g_full - g_det).abs().max() > 1e-3 * g_det.abs().max()
+
+
+def test_soft_pair_score_brute_force_and_limit():
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    B = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    w = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    ref = np.mean([[_sigmoid(float(w @ (a - b)) / 0.3) for b in B] for a in A])
+    np.testing.assert_allclose(float(soft_pair_score(A, B, w, 0.3)), ref, rtol=1e-12)
+    B[0] = A[0]  # a tie
+    auc = _brute_auc(A.numpy(), B.numpy(), w.numpy())
+    np.testing.assert_allclose(float(soft_pair_score(A, B, w, 1e-10)), auc, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+def test_single_class_batch_is_one_with_zero_grad():
+    H = torch.randn(6, 3, requires_grad=True)
+    v = soft_md_lsm(H, torch.full((6,), 4))
+    assert v.item() == 1.0 and v.requires_grad
+    v.backward()
+    assert torch.equal(H.grad, torch.zeros_like(H))
+    one = soft_md_lsm(np.ones((1, 2)), [0])
+    assert isinstance(one, torch.Tensor) and one.item() == 1.0
+
+
+def test_degenerate_and_singleton_classes_are_finite():
+    for d in (4, 40):
+        H = torch.full((10, d), 3.0, requires_grad=True)
+        v = soft_md_lsm(H, torch.arange(10) % 3)
+        v.backward()
+        assert abs(v.item() - 0.5) < 1e-6
+        assert torch.isfinite(H.grad).all()
+    # every class a single sample: within-class scatter is 0 (direction = mean difference)
+    H, _ = _data(4, 3)
+    y = torch.arange(4)
+    Hg = H.clone().requires_grad_(True)
+    v = soft_md_lsm(Hg, y)
+    v.backward()
+    assert torch.isfinite(Hg.grad).all()
+    np.testing.assert_allclose(v.item(), _ref_soft(H.numpy(), y.numpy()), rtol=1e-6)
+    H, y = _data(10, 3)
+    y[0] = 9  # one singleton class among larger ones
+    np.testing.assert_allclose(
+        float(soft_md_lsm(H, y, scheme="ovr")),
+        _ref_soft(H.numpy(), y.numpy(), scheme="ovr"),
+        rtol=1e-7,
+    )
+
+
+def test_float32_numpy_and_maps():
+    H, y = _data(24, 6)
+    ref = float(soft_md_lsm(H, y))
+    H32 = H.float().requires_grad_(True)
+    v32 = soft_md_lsm(H32, y)
+    assert v32.dtype == torch.float32
+    v32.backward()
+    assert torch.isfinite(H32.grad).all()
+    np.testing.assert_allclose(float(v32), ref, rtol=1e-4)
+    Hd, yd = _data(10, 64)
+    np.testing.assert_allclose(
+        float(soft_md_lsm(Hd.float(), yd)), float(soft_md_lsm(Hd, yd)), rtol=1e-3
+    )
+    vn = soft_md_lsm(H.numpy(), y.numpy())
+    assert isinstance(vn, torch.Tensor) and vn.ndim == 0
+    np.testing.assert_allclose(float(vn), ref, rtol=1e-12)
+    maps = torch.randn(12, 3, 2, 2, dtype=torch.float64)
+    ym = torch.arange(12) % 2
+    np.testing.assert_allclose(
+        float(soft_md_lsm(maps, ym)), float(soft_md_lsm(maps.mean((2, 3)), ym)), rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        float(soft_md_lsm(maps, ym, reduce="flatten")),
+        float(soft_md_lsm(maps.flatten(1), ym)),
+        rtol=1e-12,
+    )
+    assert float(soft_md_lsm(np.arange(12).reshape(6, 2) ** 2, [0, 1] * 3)) > 0  # integers
+
+
+def test_public_export():
+    import lsm_train as lt
+
+    assert lt.soft_md_lsm is soft_md_lsm
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"tau": 0}, "tau"),
+        ({"tau": -1.0}, "tau"),
+        ({"tau": float("nan")}, "tau"),
+        ({"scheme": "ova"}, "scheme"),
+        ({"shrinkage": -0.1}, "shrinkage"),
+        ({"shrinkage": 1.5}, "shrinkage"),
+        ({"shrinkage": "x"}, "shrinkage"),
+        ({"reduce": "max"}, "reduce"),
+    ],
+)
+def test_bad_options(kwargs, match):
+    H, y = _data(10, 3)
+    with pytest.raises(ValueError, match=match):
+        soft_md_lsm(H, y, **kwargs)
+
+
+def test_bad_inputs():
+    H, y = _data(10, 3)
+    bad_H = H.clone()
+    bad_H[0, 0] = float("nan")
+    cases = [
+        (bad_H, y, "finite"),
+        (torch.zeros(0, 3), torch.zeros(0), "empty"),
+        (torch.zeros(5), torch.zeros(5), "H"),
+        (H, y[:-1], "labels"),
+        (H, y[:, None].repeat(1, 2), "1-D"),
+        (H, -y - 1, ">= 0"),
+        (H, y + 0.5, "integer"),
+        ("abc", y, "H"),
+    ]
+    for h, lab, match in cases:
+        with pytest.raises(ValueError, match=match):
+            soft_md_lsm(h, lab)
+    with pytest.raises(ValueError, match="2 distinct classes"):
+        fisher_directions(H, torch.zeros(10))
+    with pytest.raises(ValueError, match="w"):
+        soft_pair_score(H[:3], H[3:], torch.ones(4), 0.5)
+    with pytest.raises(ValueError, match="dimension"):
+        soft_pair_score(H[:3], H[3:, :2], torch.ones(3), 0.5)
+    with pytest.raises(ValueError, match="tau"):
+        soft_pair_score(H[:3], H[3:], torch.ones(3), 0.0)
