@@ -1,0 +1,329 @@
+"""lsm-report: statistics on synthetic metric logs with known answers, sweeps, plots, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import rankdata
+
+from lsm_train import report, stats
+
+# ------------------------------------------------------------------------------------------
+# helpers: synthetic run folders in the metrics.jsonl format of the trainer
+
+
+def write_run(folder: Path, rows: list[dict], overrides: list[str] | None = None,
+              tail: str | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "metrics.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        if tail is not None:
+            f.write(tail)
+    if overrides is not None:
+        (folder / ".hydra").mkdir(exist_ok=True)
+        (folder / ".hydra" / "overrides.yaml").write_text(
+            "".join(f"- {o}\n" for o in overrides)
+        )
+        (folder / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    return folder
+
+
+def lockstep_rows(acc: list[float], sign: float = 1.0, **extra) -> list[dict]:
+    """lsm/fc1 moves with acc (sign=+1) or against it (sign=-1); lsm/fc2 tracks it too."""
+    rows = []
+    for i, a in enumerate(acc):
+        rows.append({
+            "step": 10 * i, "epoch": i // 5, "train/loss": 1 - a, "train/acc": a,
+            "val/acc": a - 0.05, "lsm/fc1": 0.75 + sign * 0.2 * a, "lsm/fc2": 0.5 + a / 2,
+            **extra,
+        })
+    return rows
+
+
+ACC = [0.1, 0.3, 0.25, 0.55, 0.45, 0.85, 0.95, 0.92]  # distinct changes: no rank ties
+
+
+# ------------------------------------------------------------------------------------------
+# pure statistics
+
+
+def test_lockstep_gives_fraction_one_and_spearman_one():
+    acc = np.array(ACC)
+    s = stats.synchronicity(0.5 + acc / 3, acc)
+    assert s.same_sign == 1.0 and s.spearman == pytest.approx(1.0)
+    assert s.intervals == len(ACC) - 1 == s.used
+
+
+def test_opposite_gives_fraction_zero_and_spearman_minus_one():
+    acc = np.array(ACC)
+    s = stats.synchronicity(1.0 - acc / 3, acc)
+    assert s.same_sign == 0.0 and s.spearman == pytest.approx(-1.0)
+
+
+def test_hand_computed_fraction_excludes_zero_changes():
+    # Δlsm = [.1, 0, -.05, .15, -.05], Δacc = [.1, .1, -.05, -.05, .1]
+    # interval 2 has Δlsm == 0 -> excluded; of the 4 left, signs agree in 2 -> 0.5
+    lsm = [0.5, 0.6, 0.6, 0.55, 0.7, 0.65]
+    acc = [0.1, 0.2, 0.3, 0.25, 0.2, 0.3]
+    s = stats.synchronicity(lsm, acc)
+    assert (s.intervals, s.used) == (5, 4)
+    assert s.same_sign == 0.5
+    dm, da = np.diff(lsm), np.diff(acc)
+    # Spearman = Pearson correlation of the (average) ranks, zeros kept
+    ref = np.corrcoef(rankdata(dm), rankdata(da))[0, 1]
+    assert s.spearman == pytest.approx(ref)
+
+
+def test_zero_change_in_acc_also_excluded_and_all_zero_is_nan():
+    frac, used = stats.same_sign_fraction([0.1, -0.2, 0.3], [0.0, -0.1, -0.1])
+    assert (frac, used) == (0.5, 2)
+    frac, used = stats.same_sign_fraction([0.0, 0.0], [0.1, 0.2])
+    assert math.isnan(frac) and used == 0
+
+
+def test_same_sign_fraction_matches_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        dx = rng.integers(-2, 3, size=15).astype(float)
+        dy = rng.integers(-2, 3, size=15).astype(float)
+        pairs = [(a, b) for a, b in zip(dx, dy, strict=True) if a != 0 and b != 0]
+        frac, used = stats.same_sign_fraction(dx, dy)
+        assert used == len(pairs)
+        if pairs:
+            assert frac == pytest.approx(sum((a > 0) == (b > 0) for a, b in pairs) / len(pairs))
+
+
+def test_spearman_nan_safe_for_constant_and_short_series():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ConstantInputWarning leaks out
+        assert math.isnan(stats.spearman([1.0, 1.0, 1.0], [0.1, 0.2, 0.3]))
+        assert math.isnan(stats.spearman([0.1], [0.2]))
+        assert math.isnan(stats.synchronicity([0.7] * 5, ACC[:5]).spearman)
+
+
+def test_non_finite_changes_are_dropped():
+    dx = [0.1, math.nan, 0.2, -0.1]
+    dy = [0.2, 0.3, math.inf, -0.3]
+    frac, used = stats.same_sign_fraction(dx, dy)
+    assert (frac, used) == (1.0, 2)
+    assert math.isnan(stats.spearman(dx, dy)) is False
+    assert stats.spearman(dx, dy) == pytest.approx(1.0)
+
+
+def test_mismatched_lengths_raise():
+    with pytest.raises(ValueError, match="aligned"):
+        stats.synchronicity([0.5, 0.6], [0.1, 0.2, 0.3])
+
+
+def test_steps_to_threshold():
+    steps = [0, 10, 20, 30]
+    assert stats.steps_to_threshold(steps, [0.5, 0.95, 0.85, 0.99], 0.9) == 10
+    assert stats.steps_to_threshold(steps, [0.5, math.nan, 0.9, 0.99], 0.9) == 20
+    assert stats.steps_to_threshold(steps, [0.5, 0.6, 0.7, 0.8], 0.9) is None
+
+
+def test_mean_std_and_format_hand_computed():
+    mean, std, n = stats.mean_std([1.0, 2.0, 4.0])
+    assert mean == pytest.approx(7 / 3) and std == pytest.approx(math.sqrt(7 / 3)) and n == 3
+    assert stats.format_mean_std([1.0, 2.0, 4.0]) == "2.333 ± 1.528"
+    assert stats.format_mean_std([0.8]) == "0.800"
+    assert stats.format_mean_std([100, None, 200], digits=0) == "150 ± 71 (2/3)"
+    assert stats.format_mean_std([None, math.nan]) == "–"
+
+
+# ------------------------------------------------------------------------------------------
+# reading
+
+
+def test_truncated_last_line_and_bad_values_tolerated(tmp_path):
+    rows = lockstep_rows(ACC)
+    rows[2]["val/acc"] = None
+    rows[3]["lsm/fc2"] = "nan"
+    run_dir = write_run(tmp_path / "run", rows, tail='{"step": 80, "train/acc": 0.9')
+    with pytest.warns(UserWarning, match="truncated last line"):
+        run = report.Run.load(run_dir)
+    assert len(run.records) == len(ACC)
+    assert run.layers == ["fc1", "fc2"]
+    assert run.final("val/acc") == pytest.approx(ACC[-1] - 0.05)
+    assert math.isnan(run.column("val/acc")[2])
+    sync = run.synchronicity()
+    assert sync["fc1"].same_sign == 1.0
+    assert sync["fc2"].intervals == len(ACC) - 2  # the NaN row is dropped before differencing
+
+
+def test_malformed_middle_line_skipped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "train/acc": 0.1}\nnot json\n[1, 2]\n{"step": 1}\n')
+    with pytest.warns(UserWarning) as caught:
+        records = report.read_metrics(path)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "malformed line (line 2)" in messages and "line 3: not a JSON object" in messages
+    assert [r["step"] for r in records] == [0, 1]
+
+
+def test_layer_order_is_file_order_and_aggregates_excluded(tmp_path):
+    rows = [
+        {"step": 0, "train/acc": 0.1, "lsm/b.0": 0.6, "lsm/mean": 0.6},
+        {"step": 1, "train/acc": 0.2, "lsm/b.0": 0.7, "lsm/a.1": 0.8, "lsm/mean": 0.75,
+         "val_lsm/b.0": 0.65},
+    ]
+    run = report.Run.load(write_run(tmp_path / "r", rows))
+    assert run.layers == ["b.0", "a.1"]
+    assert run.val_layers == ["b.0"]
+    assert run.final_mean_lsm() == pytest.approx(0.75)
+
+
+def test_missing_step_key_uses_record_index(tmp_path):
+    rows = [{"train/acc": a, "lsm/x": a} for a in (0.2, 0.5, 0.95)]
+    run = report.Run.load(write_run(tmp_path / "r", rows))
+    assert run.steps_to(0.9) == 2
+
+
+# ------------------------------------------------------------------------------------------
+# sweeps
+
+
+def make_sweep(root: Path) -> Path:
+    """2 settings x 3 seeds (jobs 0..5) with hand-chosen final val/acc and thresholds."""
+    finals = {"relu": [0.80, 0.90, 1.00], "tanh": [0.70, 0.70, 0.70]}
+    job = 0
+    for act, vals in finals.items():
+        for seed, final in enumerate(vals):
+            acc = [0.2, 0.5, 0.95 if act == "relu" and seed < 2 else 0.6, final]
+            rows = lockstep_rows(acc, sign=1.0 if act == "relu" else -1.0)
+            for i, row in enumerate(rows):
+                row["val/acc"] = final
+                row["time/elapsed"] = 10.0 * (seed + 1) * (i + 1) / len(rows)
+                if act == "relu":
+                    row["guard/accept_rate"] = 0.5 + 0.1 * seed
+            write_run(root / str(job), rows,
+                      overrides=["recipe=paper/activation", f"model.activation={act}",
+                                 f"seed={seed}"])
+            job += 1
+    return root
+
+
+def test_sweep_grouping_and_mean_std_table(tmp_path):
+    root = make_sweep(tmp_path / "sweep")
+    rep = report.build_report(root, tmp_path / "out", threshold=0.9, plots=False)
+    assert [g.label for g in rep.groups] == ["model.activation=relu", "model.activation=tanh"]
+    assert [[r.name for r in g.runs] for g in rep.groups] == [["0", "1", "2"], ["3", "4", "5"]]
+    summary = rep.tables[0]
+    rows = {row[0]: dict(zip(summary.columns, row, strict=True)) for row in summary.rows}
+    relu, tanh = rows["model.activation=relu"], rows["model.activation=tanh"]
+    assert relu["runs"] == "3"
+    assert relu["final val/acc"] == "0.900 ± 0.100"
+    assert tanh["final val/acc"] == "0.700 ± 0.000"
+    # relu: seeds 0,1 reach 0.95 at step 20, seed 2 reaches 1.0 at step 30
+    assert relu["steps to train/acc ≥ 0.9"] == "23 ± 6"
+    assert tanh["steps to train/acc ≥ 0.9"] == "n/r"
+    assert relu["wall time (s)"] == "20.0 ± 10.0"
+    assert relu["guard accept rate"] == "0.600 ± 0.100"
+    assert tanh["guard accept rate"] == "–"
+    # per-layer table: relu lockstep, tanh fc1 opposite
+    layer_rows = {(r[0], r[1]): r for r in rep.tables[1].rows}
+    assert layer_rows[("model.activation=relu", "fc1")][4] == "1.000 ± 0.000"
+    assert layer_rows[("model.activation=tanh", "fc1")][4] == "0.000 ± 0.000"
+    assert layer_rows[("model.activation=tanh", "fc1")][5] == "-1.000 ± 0.000"
+    assert (tmp_path / "out" / "report.md").is_file()
+    summary_json = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary_json["runs"][0]["synchronicity"]["fc1"]["same_sign"] == 1.0
+
+
+def test_seed_override_variants_are_ignored_for_grouping():
+    for o in ("seed=1", "+seed=2", "trainer.seed=3", "++seed=4"):
+        assert report.is_seed_override(o)
+    assert not report.is_seed_override("model.seeding=1")
+
+
+def test_wall_time_falls_back_to_file_times(tmp_path):
+    run_dir = write_run(tmp_path / "r", lockstep_rows(ACC), overrides=["seed=0"])
+    for p in (run_dir / ".hydra").glob("*.yaml"):
+        os.utime(p, (1000.0, 1000.0))
+    os.utime(run_dir / "metrics.jsonl", (1042.5, 1042.5))
+    assert report.Run.load(run_dir).wall_time() == pytest.approx(42.5)
+    bare = write_run(tmp_path / "bare", lockstep_rows(ACC))
+    assert math.isnan(report.Run.load(bare).wall_time())
+
+
+def test_accept_rate_from_counts(tmp_path):
+    rows = [{"step": 0, "guard/accepted": 3, "guard/rejected": 1}]
+    assert report.Run.load(write_run(tmp_path / "r", rows)).accept_rate() == 0.75
+
+
+# ------------------------------------------------------------------------------------------
+# plots and CLI
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pngs_written_for_sweep(tmp_path):
+    root = make_sweep(tmp_path / "sweep")
+    rep = report.build_report(root)
+    out = root / "report"
+    for name in ("lsm_grid.png", "final_lsm_bars.png", "final_acc_bars.png",
+                 "runs/0_lsm.png", "runs/5_sync.png"):
+        assert _is_png(out / name), name
+    assert all(_is_png(p) for p in rep.images)
+    assert "![lsm_grid](lsm_grid.png)" in (out / "report.md").read_text()
+
+
+def test_cli_single_run(tmp_path, capsys):
+    run_dir = write_run(tmp_path / "run", lockstep_rows(ACC), overrides=["model=mlp", "seed=0"])
+    assert report.main([str(run_dir), "--out", str(tmp_path / "o"), "--threshold", "0.5"]) == 0
+    text = capsys.readouterr().out
+    assert "| fc1 | 7 | 7 | 1.000 | 1.000 |" in text
+    assert "| 30 |" in text or " 30 | " in text  # first train/acc >= 0.5 at step 30
+    assert _is_png(tmp_path / "o" / "run_lsm.png") and _is_png(tmp_path / "o" / "run_sync.png")
+
+
+def test_cli_bad_input_gives_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "no metrics.jsonl" in err and "run folder" in err
+    assert report.main([str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    run_dir = write_run(tmp_path / "run", lockstep_rows(ACC))
+    assert report.main([str(run_dir), "--threshold", "90", "--no-plots"]) == 2
+    assert "threshold" in capsys.readouterr().err
+
+
+def test_cli_prints_warnings_for_truncated_runs(tmp_path, capsys):
+    run_dir = write_run(tmp_path / "run", lockstep_rows(ACC), tail='{"step": 8')
+    assert report.main([str(run_dir), "--no-plots"]) == 0
+    assert "warning:" in capsys.readouterr().err
+
+
+def test_wandb_offline_logging(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    root = make_sweep(tmp_path / "sweep")
+    out = tmp_path / "out"
+    assert report.main([str(root), "--out", str(out), "--wandb"]) == 0
+    runs = list(out.glob("wandb/offline-run-*"))
+    assert runs, "no offline wandb run folder written"
+    assert list(runs[0].glob("*.wandb")), "offline run has no .wandb log"
+    assert "wandb logging failed" not in capsys.readouterr().err
+
+
+def test_wandb_failure_only_warns(tmp_path, monkeypatch, capsys):
+    import wandb
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("no wandb today")
+
+    monkeypatch.setattr(wandb, "init", boom)
+    run_dir = write_run(tmp_path / "run", lockstep_rows(ACC))
+    assert report.main([str(run_dir), "--wandb", "--no-plots"]) == 0
+    assert "wandb logging failed" in capsys.readouterr().err
