@@ -9,9 +9,12 @@ A *run folder* holds ``metrics.jsonl`` (one JSON object per logged step: ``step`
 
 The report contains, for every run and every hidden layer (in the order the layers first appear
 in the file), the synchronicity of the layer's MD-LSM with training accuracy (see
-:mod:`lsm_train.stats`); for sweeps, jobs grouped by their overrides minus the seed with
-mean ± std over seeds of final ``val/acc``, steps to a training-accuracy threshold, wall time,
-guard acceptance rate and final mean MD-LSM; and PNG plots. Everything is printed as markdown
+:mod:`lsm_train.stats`). The accuracy is ``probe/acc`` when the run logs it (the accuracy on
+the fixed training probe, measured in the same monitor call and on the same samples as
+``lsm/<layer>``), else ``train/acc`` (``--acc-key`` picks another). For sweeps, jobs are
+grouped by their overrides minus the seed, with mean ± std over seeds of final ``val/acc``,
+steps to a training-accuracy threshold (on ``train/acc``), wall time, guard acceptance rate and
+final mean MD-LSM. PNG plots are written too. Everything is printed as markdown
 and written to ``--out`` (default ``<folder>/report``): ``report.md``, ``summary.json``, PNGs.
 ``--wandb`` also logs the tables and PNGs to a wandb run (mode from ``WANDB_MODE``, offline by
 default); a wandb failure only warns.
@@ -39,6 +42,8 @@ from lsm_train import stats
 METRICS_FILE = "metrics.jsonl"
 LSM_PREFIX = "lsm/"
 VAL_LSM_PREFIX = "val_lsm/"
+TRAIN_ACC = "train/acc"
+PROBE_ACC = "probe/acc"
 #: ``lsm/<name>`` keys that are aggregates, not layers.
 AGGREGATE_LAYER_NAMES = frozenset({"mean", "avg", "average", "min", "max", "all"})
 #: keys tried, in order, for the elapsed wall time of a run (seconds; the largest value wins).
@@ -126,6 +131,7 @@ class Run:
     records: list[dict]
     overrides: list[str] = field(default_factory=list)
     config: dict | None = None
+    acc_key: str = "auto"
     _sync: dict | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
@@ -191,21 +197,35 @@ class Run:
         return (self.steps[mask], *(c[mask] for c in cols))
 
     # -- summaries -----------------------------------------------------------------------
+    @property
+    def sync_acc_key(self) -> str:
+        """Accuracy key for synchronicity: ``acc_key``, or with ``"auto"`` ``probe/acc`` when
+        it is logged (the training-probe accuracy, measured by the same monitor call and on the
+        same samples as ``lsm/<layer>``), else ``train/acc``."""
+        if self.acc_key != "auto":
+            return self.acc_key
+        return PROBE_ACC if np.isfinite(self.column(PROBE_ACC)).any() else TRAIN_ACC
+
     def synchronicity(self) -> dict[str, stats.Synchronicity]:
-        """Per layer: synchronicity of ``lsm/<layer>`` with ``train/acc`` (computed once)."""
+        """Per layer: synchronicity of ``lsm/<layer>`` with :attr:`sync_acc_key` (cached)."""
         if self._sync is None:
             self._sync = {}
             for layer in self.layers:
-                _, lsm, acc = self.aligned(LSM_PREFIX + layer, "train/acc")
+                lsm, acc = self.sync_series(layer)
                 self._sync[layer] = stats.synchronicity(lsm, acc)
         return self._sync
 
+    def sync_series(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """(MD-LSM, accuracy) of ``layer`` on the log points where both are finite."""
+        _, lsm, acc = self.aligned(LSM_PREFIX + layer, self.sync_acc_key)
+        return lsm, acc
+
     def sync_changes(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
-        _, lsm, acc = self.aligned(LSM_PREFIX + layer, "train/acc")
+        lsm, acc = self.sync_series(layer)
         return stats.changes(lsm), stats.changes(acc)
 
     def steps_to(self, threshold: float):
-        steps, acc = self.aligned("train/acc")
+        steps, acc = self.aligned(TRAIN_ACC)
         return stats.steps_to_threshold(steps, acc, threshold)
 
     def final_lsm(self, prefix: str = LSM_PREFIX) -> dict[str, float]:
@@ -235,9 +255,17 @@ class Run:
             value = self.final(key)
             if math.isfinite(value):
                 return value
-        acc, rej = self.final("guard/accepted"), self.final("guard/rejected")
-        if math.isfinite(acc) and math.isfinite(rej) and acc + rej > 0:
-            return acc / (acc + rej)
+        for key in self.keys:  # any other guard/<...accept...rate|fraction...> key
+            name = key[len("guard/"):] if key.startswith("guard/") else ""
+            if "accept" in name and ("rate" in name or "frac" in name):
+                value = self.final(key)
+                if math.isfinite(value):
+                    return value
+        for a_key, r_key in (("guard/accepted", "guard/rejected"),
+                             ("guard/accepts", "guard/rejects")):
+            acc, rej = self.final(a_key), self.final(r_key)
+            if math.isfinite(acc) and math.isfinite(rej) and acc + rej > 0:
+                return acc / (acc + rej)
         return math.nan
 
     @property
@@ -245,7 +273,7 @@ class Run:
         return any(k.startswith("guard/") for k in self.keys)
 
 
-def load_runs(folder: str | os.PathLike) -> list[Run]:
+def load_runs(folder: str | os.PathLike, acc_key: str = "auto") -> list[Run]:
     """The run folder itself, or every run folder below a sweep folder (natural order)."""
     folder = Path(folder)
     if not folder.exists():
@@ -253,14 +281,19 @@ def load_runs(folder: str | os.PathLike) -> list[Run]:
     if not folder.is_dir():
         raise ReportError(f"{folder} is not a folder; expected a run or sweep folder")
     if (folder / METRICS_FILE).is_file():
-        return [Run.load(folder)]
-    paths = sorted({p.parent for p in folder.rglob(METRICS_FILE) if p.is_file()}, key=_natural_key)
-    if not paths:
-        raise ReportError(
-            f"no {METRICS_FILE} in {folder} or its subfolders; expected a run folder "
-            f"(with {METRICS_FILE}) or a sweep folder (one run folder per job)"
-        )
-    return [Run.load(p, name=p.relative_to(folder).as_posix()) for p in paths]
+        runs = [Run.load(folder)]
+    else:
+        paths = sorted({p.parent for p in folder.rglob(METRICS_FILE) if p.is_file()},
+                       key=_natural_key)
+        if not paths:
+            raise ReportError(
+                f"no {METRICS_FILE} in {folder} or its subfolders; expected a run folder "
+                f"(with {METRICS_FILE}) or a sweep folder (one run folder per job)"
+            )
+        runs = [Run.load(p, name=p.relative_to(folder).as_posix()) for p in paths]
+    for run in runs:
+        run.acc_key = acc_key
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +366,7 @@ def sync_table(run: Run) -> Table:
     for layer, s in run.synchronicity().items():
         rows.append([layer, str(s.intervals), str(s.used), _fmt(s.same_sign), _fmt(s.spearman)])
     return Table(
-        f"Synchronicity: {run.name}",
+        f"Synchronicity: {run.name} (Δ lsm/<layer> vs Δ {run.sync_acc_key})",
         ["layer", "intervals", "used (no zero change)", "same-sign fraction", "Spearman ρ"],
         rows,
     )
@@ -410,9 +443,10 @@ def _plot_lsm(ax, run: Run, title: str) -> None:
     for layer in run.layers:
         steps, lsm = run.aligned(LSM_PREFIX + layer)
         ax.plot(steps, lsm, marker=".", ms=3, lw=1, label=layer)
-    steps, acc = run.aligned("train/acc")
+    key = run.sync_acc_key
+    steps, acc = run.aligned(key)
     if steps.size:
-        ax.plot(steps, acc, "k--", lw=1, label="train/acc")
+        ax.plot(steps, acc, "k--", lw=1, label=key)
     ax.set_title(title, fontsize=8)
     ax.set_xlabel("step", fontsize=7)
     ax.tick_params(labelsize=6)
@@ -441,7 +475,7 @@ def plot_run(run: Run, out: Path) -> list[Path]:
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(0, color="grey", lw=0.5)
     ax.set_xlabel("Δ MD-LSM per log interval")
-    ax.set_ylabel("Δ train/acc per log interval")
+    ax.set_ylabel(f"Δ {run.sync_acc_key} per log interval")
     ax.set_title(f"Synchronicity: {run.name}", fontsize=9)
     if run.layers:
         ax.legend(fontsize=6)
@@ -464,7 +498,7 @@ def plot_grid(groups: list[Group], out: Path, max_panels: int = 36) -> Path:
         _plot_lsm(ax, g.runs[0], g.label)
     for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")
-    fig.suptitle("MD-LSM per layer (coloured) and train/acc (dashed) against step", fontsize=9)
+    fig.suptitle("MD-LSM per layer (coloured) and accuracy (dashed) against step", fontsize=9)
     fig.tight_layout()
     path = out / "lsm_grid.png"
     fig.savefig(path, dpi=90)
@@ -566,6 +600,7 @@ def _run_summary(run: Run, threshold: float) -> dict:
         "guard_accept_rate": num(run.accept_rate()),
         "final_mean_lsm": num(run.final_mean_lsm()),
         "final_lsm": {k: num(v) for k, v in run.final_lsm().items()},
+        "sync_acc_key": run.sync_acc_key,
         "synchronicity": {
             k: {"same_sign": num(s.same_sign), "spearman": num(s.spearman),
                 "intervals": s.intervals, "used": s.used}
@@ -580,12 +615,13 @@ def build_report(
     *,
     threshold: float = 0.9,
     plots: bool = True,
+    acc_key: str = "auto",
 ) -> Report:
     """Read ``folder``, compute every table, write ``report.md``, ``summary.json`` and PNGs."""
     if not (0.0 <= threshold <= 1.0) or math.isnan(threshold):
         raise ReportError(f"threshold must be an accuracy in [0, 1], got {threshold}")
     folder = Path(folder)
-    runs = load_runs(folder)
+    runs = load_runs(folder, acc_key)
     out = Path(out) if out is not None else folder / "report"
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)
@@ -610,6 +646,7 @@ def build_report(
     summary = {
         "folder": str(folder),
         "threshold": threshold,
+        "acc_key": acc_key,
         "groups": [{"label": g.label, "overrides": list(g.key),
                     "runs": [r.name for r in g.runs]} for g in groups],
         "runs": [_run_summary(r, threshold) for r in runs],
@@ -660,6 +697,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="training-accuracy threshold for 'steps to threshold' (default 0.9)")
     p.add_argument("--wandb", action="store_true",
                    help="also log tables and plots to wandb (WANDB_MODE, default offline)")
+    p.add_argument("--acc-key", default="auto",
+                   help="accuracy key for synchronicity: auto (probe/acc when logged, else "
+                   "train/acc), train/acc, probe/acc, ... (default auto)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
     return p
 
@@ -671,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("always")
         try:
             report = build_report(args.folder, args.out, threshold=args.threshold,
-                                  plots=not args.no_plots)
+                                  plots=not args.no_plots, acc_key=args.acc_key)
         except ReportError as exc:
             print(f"lsm-report: error: {exc}", file=sys.stderr)
             return 2

@@ -327,3 +327,41 @@ def test_wandb_failure_only_warns(tmp_path, monkeypatch, capsys):
     run_dir = write_run(tmp_path / "run", lockstep_rows(ACC))
     assert report.main([str(run_dir), "--wandb", "--no-plots"]) == 0
     assert "wandb logging failed" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# accuracy key for synchronicity, and the trainer's own file format
+
+
+def test_probe_acc_preferred_for_synchronicity(tmp_path):
+    # lsm moves with probe/acc (same monitor call) but against the lagging train/acc
+    rows = []
+    for i, a in enumerate(ACC):
+        rows.append({"step": 10 * i, "train/acc": 1 - a, "probe/acc": a, "lsm/fc1": 0.5 + a / 3})
+    rows.insert(1, {"step": 5, "train/acc": 0.5})  # a log-only row without lsm: not aligned
+    run_dir = write_run(tmp_path / "r", rows)
+    auto = report.load_runs(run_dir)[0]
+    assert auto.sync_acc_key == "probe/acc"
+    assert auto.synchronicity()["fc1"].same_sign == 1.0
+    forced = report.load_runs(run_dir, acc_key="train/acc")[0]
+    assert forced.synchronicity()["fc1"].same_sign == 0.0
+    no_probe = write_run(tmp_path / "q", [{k: v for k, v in r.items() if k != "probe/acc"}
+                                          for r in rows])
+    assert report.load_runs(no_probe)[0].sync_acc_key == "train/acc"
+
+
+def test_reads_the_trackers_own_format(tmp_path):
+    from lsm_train.tracking import Tracker
+
+    with Tracker(tmp_path / "run") as tracker:
+        for i, a in enumerate(ACC):
+            tracker.log({"epoch": 0, "train/acc": a, "probe/acc": a, "val/acc": a,
+                         "lsm/layers.0": 0.5 + a / 3, "lsm/layers.2": 0.6 + a / 3,
+                         "lsm/mean": 0.55 + a / 3, "val_lsm/layers.0": math.nan,
+                         "guard/accept_rate": 0.75, "time/elapsed_s": 0.5 * i}, step=5 * i)
+    run = report.load_runs(tmp_path / "run")[0]
+    assert run.layers == ["layers.0", "layers.2"]
+    assert run.wall_time() == pytest.approx(3.5)
+    assert run.accept_rate() == 0.75
+    assert run.synchronicity()["layers.2"].same_sign == 1.0
+    assert run.steps_to(0.9) == 30
