@@ -114,54 +114,66 @@ def _shrunk_solve(
 # --------------------------------------------------------------------------- directions
 
 
-def _tasks(counts: torch.Tensor, scheme: str) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
-    """Coefficients C (K × T) with δ_t = Mu @ C[:, t], and the (a-class, b-classes) per task."""
-    K = counts.numel()
-    dtype, device = counts.dtype, counts.device
-    if scheme == "pairwise":
-        pairs = [(k, l) for k in range(K) for l in range(k + 1, K)]
-        C = torch.zeros(K, len(pairs), dtype=dtype, device=device)
-        for t, (k, l) in enumerate(pairs):
+class _Layout:
+    """Classes of a batch: sorted labels, index of each sample's class, samples sorted by class."""
+
+    def __init__(self, labels: torch.Tensor):
+        self.classes, self.inverse = torch.unique(labels, return_inverse=True)
+        self.K = int(self.classes.numel())
+        self.n = int(labels.numel())
+        self.counts = torch.bincount(self.inverse, minlength=self.K).tolist()
+        self.starts = [0]
+        for c in self.counts[:-1]:
+            self.starts.append(self.starts[-1] + c)
+        self.order = torch.argsort(self.inverse, stable=True)
+
+    def tasks(self, scheme: str) -> list[tuple[int, int]]:
+        """(a-class, b-class) per task; b-class -1 means "every other class" (ovr)."""
+        if scheme == "pairwise":
+            return [(k, l) for k in range(self.K) for l in range(k + 1, self.K)]
+        return [(k, -1) for k in range(self.K)]
+
+    def coefficients(self, scheme: str, dtype: torch.dtype) -> torch.Tensor:
+        """C (K × T) with δ_t = μ_A − μ_B = Mu @ C[:, t] (Mu: d × K class means)."""
+        device = self.inverse.device
+        counts = torch.tensor(self.counts, dtype=dtype, device=device)
+        if scheme == "pairwise":
+            tasks = self.tasks(scheme)
+            t = torch.arange(len(tasks), device=device)
+            k = torch.tensor([p[0] for p in tasks], device=device)
+            l = torch.tensor([p[1] for p in tasks], device=device)
+            C = torch.zeros(self.K, len(tasks), dtype=dtype, device=device)
             C[k, t] = 1.0
             C[l, t] = -1.0
-        return C, pairs
-    n = counts.sum()
-    C = -counts[:, None] / (n - counts)[None, :]  # μ_rest(k) = Σ_{j≠k} n_j μ_j / (n − n_k)
-    C.fill_diagonal_(1.0)
-    return C, [(k, *[j for j in range(K) if j != k]) for k in range(K)]
+            return C
+        C = -counts[:, None] / (self.n - counts)[None, :]  # μ_rest = Σ_{j≠k} n_j μ_j / (n − n_k)
+        return C.fill_diagonal_(1.0)
 
 
 def _directions(
-    H: torch.Tensor,
-    inverse: torch.Tensor,
-    K: int,
-    scheme: str,
-    shrinkage: float,
-    dual: bool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, ...]], torch.Tensor]:
-    """Centered H, per-class solutions W (d × K, H units), task norms r (T,), tasks, C.
+    H: torch.Tensor, lay: _Layout, scheme: str, shrinkage: float, dual: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (Hc, W, C, r): centered H; per-class solutions W = Σ_s⁻¹ Mu (d × K, in H units);
+    coefficients C (K × T); norms r (T,) so that ŵ_t = W @ C[:, t] · r_t has ŵ_tᵀ Σ_s ŵ_t = 1.
 
-    The normalized direction of task t is ŵ_t = W @ C[:, t] · r_t, with ŵ_tᵀ Σ_s ŵ_t = 1
-    (up to the ε guard of the square root).
+    Works on X = Hc / s with s the rms of Hc (so the ε ridge and every guard scale with H).
     """
     n, d = H.shape
-    dtype = H.dtype
+    dtype, K = H.dtype, lay.K
     Y = torch.zeros(n, K, dtype=dtype, device=H.device)
-    Y[torch.arange(n, device=H.device), inverse] = 1.0
-    counts = Y.sum(0)
+    Y[torch.arange(n, device=H.device), lay.inverse] = 1.0
     Hc = H - H.mean(0, keepdim=True)
-    tiny = torch.finfo(dtype).eps ** 2
-    s = torch.sqrt(Hc.pow(2).sum() / (n * d) + tiny)  # rms scale: makes S_τ scale invariant
+    s = torch.sqrt(Hc.pow(2).sum() / (n * d) + torch.finfo(dtype).eps ** 2)
     X = Hc / s
-    Mu = (X.mT @ Y) / counts  # d × K class means
-    U = X - Y @ Mu.mT  # within-class centered
+    Mu = (X.mT @ Y) / Y.sum(0)  # d × K class means
+    U = X - Y @ Mu.mT  # within-class centered rows
     m = max(n - K, 1)
     alpha = shrinkage * U.pow(2).sum() / (m * d) + _RIDGE
-    Z = _shrunk_solve(U, Mu, alpha, (1.0 - shrinkage) / m, dual)  # Σ_s⁻¹ μ_k (X units)
-    C, tasks = _tasks(counts, scheme)
-    quad = ((Mu @ C) * (Z @ C)).sum(0)  # δ_tᵀ Σ_s⁻¹ δ_t (Mahalanobis², scale invariant)
+    Z = _shrunk_solve(U, Mu, alpha, (1.0 - shrinkage) / m, dual)  # Σ_s⁻¹ μ_k, all k at once
+    C = lay.coefficients(scheme, dtype)
+    quad = ((Mu @ C) * (Z @ C)).sum(0)  # δ_tᵀ Σ_s⁻¹ δ_t: Mahalanobis², scale invariant
     r = torch.rsqrt(quad.clamp_min(0.0) + torch.finfo(dtype).eps)
-    return Hc, Z / s, r, tasks, C
+    return Hc, Z / s, C, r
 
 
 def fisher_directions(
@@ -176,43 +188,98 @@ def fisher_directions(
     scheme = _check_scheme(scheme)
     shrinkage = _check_shrinkage(shrinkage)
     X = _features(H, reduce)
-    labels = check_labels(y, X.shape[0], device=X.device)
-    classes, inverse = torch.unique(labels, return_inverse=True)
-    if classes.numel() < 2:
+    lay = _Layout(check_labels(y, X.shape[0], device=X.device))
+    if lay.K < 2:
         raise ValueError(
-            f"y: expected at least 2 distinct classes, got {classes.numel()} "
-            f"(labels present: {classes.tolist()})"
+            f"y: expected at least 2 distinct classes, got {lay.K} "
+            f"(labels present: {lay.classes.tolist()})"
         )
-    _, W, r, tasks, C = _directions(X, inverse, classes.numel(), scheme, shrinkage)
-    out = [(t[0], t[1] if scheme == "pairwise" else None) for t in tasks]
-    return (W @ C) * r, out, classes
+    _, W, C, r = _directions(X, lay, scheme, shrinkage)
+    tasks = [(k, None if l < 0 else l) for k, l in lay.tasks(scheme)]
+    return (W @ C) * r, tasks, lay.classes
 
 
 # --------------------------------------------------------------------------- soft counts
 
 
-def _soft_counts(a: torch.Tensor, b: torch.Tensor, ma: torch.Tensor, mb: torch.Tensor):
-    """Σ_{i,j} ma_i mb_j σ(a_i − b_j) per row (a: T × La, b: T × Lb), in memory blocks."""
-    T, La = a.shape
-    Lb = b.shape[1]
-    step = max(1, _BLOCK_ELEMS // max(1, La * Lb))
-    out = []
-    for t0 in range(0, T, step):
-        sl = slice(t0, t0 + step)
-        z = torch.sigmoid(a[sl, :, None] - b[sl, None, :])
-        w = ma[sl, :, None] * mb[sl, None, :]
-        out.append((z * w).sum((1, 2)))
-    return torch.cat(out)
+class _SoftCount(torch.autograd.Function):
+    """Row sums Σ_{i,j} σ(a_i − b_j) of a block (a: T × La, b: T × Lb).
+
+    Saves only a and b and recomputes σ in backward, so autograd memory stays O(T·(La + Lb))
+    instead of O(T·La·Lb). Padding: a = −inf, b = +inf contribute 0 with zero gradient. The
+    backward is made of differentiable ops, so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        return torch.sigmoid(a[:, :, None] - b[:, None, :]).sum((1, 2))
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = ctx.saved_tensors
+        x = a[:, :, None] - b[:, None, :]
+        dx = torch.sigmoid(x) * torch.sigmoid(-x) * g[:, None, None]
+        return dx.sum(2), -dx.sum(1)
 
 
-def _padded(groups: list[torch.Tensor], device: torch.device):
-    L = max(int(g.numel()) for g in groups)
-    idx = torch.zeros(len(groups), L, dtype=torch.long, device=device)
-    mask = torch.zeros(len(groups), L, dtype=torch.bool, device=device)
-    for t, g in enumerate(groups):
-        idx[t, : g.numel()] = g
-        mask[t, : g.numel()] = True
-    return idx, mask
+def _chunks(sizes: list[tuple[int, int]]) -> list[list[int]]:
+    """Group tasks (sorted by block size) so that each padded block has <= _BLOCK_ELEMS
+    entries (a single task may exceed it)."""
+    order = sorted(range(len(sizes)), key=lambda t: sizes[t][0] * sizes[t][1])
+    groups: list[list[int]] = []
+    la = lb = 0
+    for t in order:
+        na, nb = sizes[t]
+        nla, nlb = max(la, na), max(lb, nb)
+        if groups and (len(groups[-1]) + 1) * nla * nlb <= _BLOCK_ELEMS:
+            groups[-1].append(t)
+            la, lb = nla, nlb
+        else:
+            groups.append([t])
+            la, lb = na, nb
+    return groups
+
+
+def _task_scores(
+    P: torch.Tensor, lay: _Layout, scheme: str, C: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """S_τ of every task (T,), in task order, from the per-class projections P (n × K)
+    (``scale`` = r / τ per task). Works in blocks of bounded memory, samples sorted by class."""
+    device = P.device
+    P = P[lay.order]
+    tasks = lay.tasks(scheme)
+    if scheme == "ovr":
+        P = P @ C  # n × T: ovr directions are dense combinations of the K solutions
+    cnt, st, n = lay.counts, lay.starts, lay.n
+    sizes = [(cnt[k], cnt[l] if l >= 0 else n - cnt[k]) for k, l in tasks]
+    out, index = [], []
+    for group in _chunks(sizes):
+        na = torch.tensor([sizes[t][0] for t in group], device=device)
+        nb = torch.tensor([sizes[t][1] for t in group], device=device)
+        k = torch.tensor([tasks[t][0] for t in group], device=device)
+        t_idx = torch.tensor(group, device=device)
+        sa = torch.tensor([st[tasks[t][0]] for t in group], device=device)
+        ja = torch.arange(int(na.max()), device=device)[None, :]
+        jb = torch.arange(int(nb.max()), device=device)[None, :]
+        mask_a, mask_b = ja < na[:, None], jb < nb[:, None]
+        ia = torch.where(mask_a, sa[:, None] + ja, 0)
+        if scheme == "pairwise":
+            l = torch.tensor([tasks[t][1] for t in group], device=device)
+            sb = torch.tensor([st[tasks[t][1]] for t in group], device=device)
+            ib = torch.where(mask_b, sb[:, None] + jb, 0)
+            pa = P[ia, k[:, None]] - P[ia, l[:, None]]
+            pb = P[ib, k[:, None]] - P[ib, l[:, None]]
+        else:  # the rest of class k: sorted positions [0, start_k) and [start_k + n_k, n)
+            ib = torch.where(mask_b, jb + (jb >= sa[:, None]) * na[:, None], 0)
+            pa, pb = P[ia, t_idx[:, None]], P[ib, t_idx[:, None]]
+        sc = scale[t_idx][:, None]
+        pa = torch.where(mask_a, pa * sc, -torch.inf)
+        pb = torch.where(mask_b, pb * sc, torch.inf)
+        out.append(_SoftCount.apply(pa, pb) / (na * nb).to(P.dtype))
+        index.append(t_idx)
+    scores = torch.cat(out)
+    return scores[torch.argsort(torch.cat(index))]
 
 
 # --------------------------------------------------------------------------- public API
@@ -251,22 +318,28 @@ def soft_md_lsm(
     shrinkage = _check_shrinkage(shrinkage)
     X = _features(H, reduce)
     labels = check_labels(y, X.shape[0], device=X.device)
-    classes, inverse = torch.unique(labels, return_inverse=True)
-    K = classes.numel()
-    if K < 2:
-        return X.sum() * 0 + 1.0
-    Hc, W, r, tasks, C = _directions(X, inverse, K, scheme, shrinkage)
+    return _soft_md_lsm(X, labels, tau, scheme, shrinkage, detach_directions).mean()
+
+
+def _soft_md_lsm(
+    X: torch.Tensor,
+    labels: torch.Tensor,
+    tau: float,
+    scheme: str,
+    shrinkage: float,
+    detach_directions: bool = False,
+    dual: bool | None = None,
+) -> torch.Tensor:
+    """Per-task S_τ (T,) on validated input (for benchmarks and per-pair details); a single
+    1.0 (``X.sum() * 0 + 1``) when there are fewer than two classes. ``dual`` forces the
+    solver (None: dual iff d > n)."""
+    lay = _Layout(labels)
+    if lay.K < 2:
+        return (X.sum() * 0 + 1.0).reshape(1)
+    Hc, W, C, r = _directions(X, lay, scheme, shrinkage, dual)
     if detach_directions:
         W, r = W.detach(), r.detach()
-    P = (Hc @ W) @ C * (r / tau)  # n × T projections, in units of τ
-    members = [torch.nonzero(inverse == k).flatten() for k in range(K)]
-    ia, ma = _padded([members[t[0]] for t in tasks], X.device)
-    ib, mb = _padded([torch.cat([members[j] for j in t[1:]]) for t in tasks], X.device)
-    cols = torch.arange(len(tasks), device=X.device)[:, None]
-    a, b = P[ia, cols], P[ib, cols]
-    ma, mb = ma.to(X.dtype), mb.to(X.dtype)
-    scores = _soft_counts(a, b, ma, mb) / (ma.sum(1) * mb.sum(1))
-    return scores.mean()
+    return _task_scores(Hc @ W, lay, scheme, C, r / tau)
 
 
 def soft_pair_score(a: Any, b: Any, w: Any, tau: float = 0.5) -> torch.Tensor:
@@ -295,7 +368,10 @@ def soft_pair_score(a: Any, b: Any, w: Any, tau: float = 0.5) -> torch.Tensor:
         )
     dtype = torch.promote_types(A.dtype, wt.dtype)
     wt = wt.to(dtype)
-    pa = (A.to(dtype) @ wt)[None] / tau
-    pb = (B.to(dtype) @ wt)[None] / tau
-    ones_a, ones_b = torch.ones_like(pa), torch.ones_like(pb)
-    return (_soft_counts(pa, pb, ones_a, ones_b) / (pa.numel() * pb.numel()))[0]
+    pa = (A.to(dtype) @ wt) / tau
+    pb = (B.to(dtype) @ wt) / tau
+    step = max(1, _BLOCK_ELEMS // pb.numel())  # blocks of rows of A
+    total = sum(
+        _SoftCount.apply(pa[None, i : i + step], pb[None])[0] for i in range(0, pa.numel(), step)
+    )
+    return total / (pa.numel() * pb.numel())

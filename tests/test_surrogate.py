@@ -85,6 +85,41 @@ def test_matches_reference(scheme, n, d, shrinkage):
     np.testing.assert_allclose(float(got), ref, rtol=1e-7 if shrinkage > 0 else 1e-5)
 
 
+@pytest.mark.parametrize("scheme", ["pairwise", "ovr"])
+def test_imbalanced_shuffled_classes_and_memory_blocks(scheme, monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    y = torch.tensor([3] * 9 + [0] * 2 + [8] * 5 + [1] * 1 + [5] * 4)
+    y = y[torch.randperm(len(y), generator=g)]
+    H = torch.randn(len(y), 4, generator=g, dtype=torch.float64) + 0.8 * y[:, None]
+    ref = _ref_soft(H.numpy(), y.numpy(), 0.6, scheme)
+    Hg = H.clone().requires_grad_(True)
+    v = soft_md_lsm(Hg, y, 0.6, scheme=scheme)
+    (g_full,) = torch.autograd.grad(v, Hg)
+    np.testing.assert_allclose(v.item(), ref, rtol=1e-9)
+    monkeypatch.setattr(sur, "_BLOCK_ELEMS", 10)  # many small blocks, some tasks over budget
+    v_blk = soft_md_lsm(Hg, y, 0.6, scheme=scheme)
+    (g_blk,) = torch.autograd.grad(v_blk, Hg)
+    np.testing.assert_allclose(v_blk.item(), ref, rtol=1e-9)
+    np.testing.assert_allclose(g_blk.numpy(), g_full.numpy(), rtol=1e-9, atol=1e-14)
+
+
+def test_per_task_scores_in_task_order():
+    H, y = _data(18, 3)
+    X, labels = H, y
+    scores = sur._soft_md_lsm(X, labels, 0.5, "pairwise", 0.1)
+    refs = [
+        _sigmoid(((A @ w)[:, None] - (B @ w)[None, :]) / 0.5).mean()
+        for w, A, B in _ref_directions(H.numpy(), y.numpy(), "pairwise", 0.1)
+    ]
+    np.testing.assert_allclose(scores.numpy(), refs, rtol=1e-9)
+    for dual in (True, False):  # forced solver, same values
+        np.testing.assert_allclose(
+            sur._soft_md_lsm(X, labels, 0.5, "ovr", 0.1, dual=dual).numpy(),
+            sur._soft_md_lsm(X, labels, 0.5, "ovr", 0.1).numpy(),
+            rtol=1e-9,
+        )
+
+
 def test_dual_equals_primal_solve():
     g = torch.Generator().manual_seed(1)
     U = torch.randn(9, 30, generator=g, dtype=torch.float64)
@@ -197,6 +232,12 @@ def test_gradcheck(n, d, scheme):
     assert torch.autograd.gradcheck(lambda h: soft_md_lsm(h, y, tau=0.8, scheme=scheme), (H,))
 
 
+def test_double_backward():
+    H, y = _data(7, 3, shift=0.5)
+    H.requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda h: soft_md_lsm(h, y, tau=0.8), (H,))
+
+
 def test_gradcheck_soft_pair_score():
     g = torch.Generator().manual_seed(2)
     a = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
@@ -225,12 +266,14 @@ def test_detach_directions_is_gradient_with_fixed_directions(n, d):
     assert (g_full - g_det).abs().max() > 1e-3 * g_det.abs().max()
 
 
-def test_soft_pair_score_brute_force_and_limit():
+def test_soft_pair_score_brute_force_and_limit(monkeypatch):
     g = torch.Generator().manual_seed(4)
     A = torch.randn(6, 2, generator=g, dtype=torch.float64)
     B = torch.randn(5, 2, generator=g, dtype=torch.float64)
     w = torch.tensor([1.0, -0.5], dtype=torch.float64)
     ref = np.mean([[_sigmoid(float(w @ (a - b)) / 0.3) for b in B] for a in A])
+    np.testing.assert_allclose(float(soft_pair_score(A, B, w, 0.3)), ref, rtol=1e-12)
+    monkeypatch.setattr(sur, "_BLOCK_ELEMS", 7)  # blocks of rows of A
     np.testing.assert_allclose(float(soft_pair_score(A, B, w, 0.3)), ref, rtol=1e-12)
     B[0] = A[0]  # a tie
     auc = _brute_auc(A.numpy(), B.numpy(), w.numpy())
@@ -282,7 +325,7 @@ def test_float32_numpy_and_maps():
     assert v32.dtype == torch.float32
     v32.backward()
     assert torch.isfinite(H32.grad).all()
-    np.testing.assert_allclose(float(v32), ref, rtol=1e-4)
+    np.testing.assert_allclose(v32.item(), ref, rtol=1e-4)
     Hd, yd = _data(10, 64)
     np.testing.assert_allclose(
         float(soft_md_lsm(Hd.float(), yd)), float(soft_md_lsm(Hd, yd)), rtol=1e-3
