@@ -1,0 +1,322 @@
+"""Separability auxiliary loss on hidden layers (DESIGN §1, use 2).
+
+    reg = lt.LSMLoss(model, layers=["layer3", "layer4"], weight=0.1)
+    loss = F.cross_entropy(model(x), y) + reg(y)
+
+The regulariser of a batch with labels y is
+
+    R = weight · ramp · Σ_l α_l · (1 − S_l),     S_l = soft_md_lsm(H_l, y, tau, scheme, ...)
+
+where H_l is the output of layer l in the latest forward pass (captured with
+:class:`~lsm_train.capture.HiddenCapture`, ``detach=False``, so R has gradients to the model),
+S_l ∈ (0, 1) is the differentiable soft MD-LSM (:func:`lsm_train.surrogate.soft_md_lsm`) and
+
+* α_l = ``layer_weights``: by default uniform 1/L, so ``weight`` means the same for one layer
+  or ten (R ≤ weight); a dict {layer name: α} or a list in ``names`` order is used as given
+  (not renormalised).
+* ramp = min(1, k / ``warmup_steps``) on the call with index k = 0, 1, ... (calls counted
+  only while both the loss module and the model are in training mode): a linear warmup from
+  0, full weight from call ``warmup_steps`` on. The counter is the buffer ``num_steps``, so
+  it is in ``state_dict()`` and a resumed run continues the ramp.
+* A batch with fewer than two classes gives S_l = 1 exactly, so it contributes 0 with a zero
+  (never NaN) gradient; such batches are counted in ``skipped``.
+
+The score is computed in float32 or float64 with autocast disabled (half-precision
+features are upcast), since it solves a small linear system.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lsm_train._validation import check_positive, to_tensor
+from lsm_train.capture import HiddenCapture
+from lsm_train.features import REDUCTIONS
+
+__all__ = ["LSMLoss", "lsm_loss"]
+
+_SCHEMES = ("pairwise", "ovr")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_options(tau: Any, scheme: Any, shrinkage: Any, reduce: Any) -> float:
+    tau = check_positive(tau, "tau")
+    if scheme not in _SCHEMES:
+        raise ValueError(f"scheme: expected one of {_SCHEMES}, got {scheme!r}")
+    try:
+        lam = float(shrinkage)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"shrinkage: expected a number in [0, 1], got {shrinkage!r}") from err
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"shrinkage: expected a number in [0, 1], got {shrinkage!r}")
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce: expected one of {REDUCTIONS}, got {reduce!r}")
+    return tau
+
+
+def _layer_weights(layer_weights: Any, names: list[str]) -> list[float]:
+    """α per layer, in ``names`` order (default uniform 1/L)."""
+    L = len(names)
+    if layer_weights is None:
+        return [1.0 / L] * L
+    if isinstance(layer_weights, Mapping):
+        keys = list(layer_weights)
+        missing = [n for n in names if n not in layer_weights]
+        unknown = [k for k in keys if k not in names]
+        if missing or unknown:
+            raise ValueError(
+                f"layer_weights: expected one weight per layer {names}; "
+                f"missing {missing}, unknown {unknown}"
+            )
+        values = [layer_weights[n] for n in names]
+    elif isinstance(layer_weights, (Sequence, torch.Tensor)) and not isinstance(
+        layer_weights, str
+    ):
+        values = [float(v) for v in layer_weights]
+        if len(values) != L:
+            raise ValueError(
+                f"layer_weights: expected {L} weights (one per layer {names}), got {len(values)}"
+            )
+    else:
+        raise ValueError(
+            f"layer_weights: expected None, a dict {{layer: weight}} or a list, got "
+            f"{type(layer_weights).__name__}"
+        )
+    alphas = [check_positive(v, f"layer_weights[{n!r}]", allow_zero=True)
+              for n, v in zip(names, values, strict=True)]
+    if sum(alphas) == 0:
+        raise ValueError("layer_weights: all weights are 0; set weight=0 to switch the loss off")
+    return alphas
+
+
+def _labels(labels: Any, feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    y = to_tensor(labels, "labels")
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise ValueError(
+            f"labels: expected a 1-D tensor of integer class labels, got shape {tuple(y.shape)} "
+            "(one-hot labels? pass labels.argmax(1))"
+        )
+    for name, f in feats.items():
+        if f.ndim < 2:
+            raise ValueError(
+                f"features[{name!r}]: expected a batch (N, d, ...), got shape {tuple(f.shape)}"
+            )
+        if f.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"labels: expected {f.shape[0]} labels, one per sample of the batch seen by "
+                f"layer {name!r}, got {y.shape[0]}"
+            )
+    return y
+
+
+def _scores(
+    feats: Mapping[str, torch.Tensor],
+    y: torch.Tensor,
+    tau: float,
+    scheme: str,
+    shrinkage: float,
+    detach_directions: bool,
+    reduce: str,
+) -> dict[str, torch.Tensor]:
+    """{layer: S_l} (0-dim tensors attached to the graph)."""
+    from lsm_train.surrogate import soft_md_lsm
+
+    out = {}
+    for name, f in feats.items():
+        if f.dtype in (torch.float16, torch.bfloat16):
+            f = f.float()
+        with torch.autocast(device_type=f.device.type, enabled=False):
+            out[name] = soft_md_lsm(
+                f, y, tau, scheme=scheme, shrinkage=shrinkage,
+                detach_directions=detach_directions, reduce=reduce,
+            )
+    return out
+
+
+def _combine(scores: dict[str, torch.Tensor], alphas: list[float]) -> torch.Tensor:
+    terms = [a * (1.0 - s) for a, s in zip(alphas, scores.values(), strict=True)]
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t.to(total.device)
+    return total
+
+
+# --------------------------------------------------------------------------- functional
+
+
+def lsm_loss(
+    features: Mapping[str, torch.Tensor] | torch.Tensor,
+    labels: Any,
+    *,
+    weight: float = 0.1,
+    layer_weights: Any = None,
+    tau: float = 0.5,
+    scheme: str = "pairwise",
+    shrinkage: float = 0.1,
+    detach_directions: bool = False,
+    reduce: str = "auto",
+) -> torch.Tensor:
+    """``weight · Σ_l α_l (1 − soft_md_lsm(features_l, labels))`` as a 0-dim tensor.
+
+    ``features`` is a dict {layer name: (N, ...) tensor} (e.g. a HiddenCapture's dict with
+    ``detach=False``) or a single tensor; α as in :class:`LSMLoss` (default uniform 1/L).
+    """
+    weight = check_positive(weight, "weight", allow_zero=True)
+    tau = _check_options(tau, scheme, shrinkage, reduce)
+    if isinstance(features, torch.Tensor):
+        features = {"features": features}
+    if not isinstance(features, Mapping):
+        raise ValueError(
+            f"features: expected a tensor or a dict {{layer: tensor}}, got "
+            f"{type(features).__name__}"
+        )
+    if not features:
+        raise ValueError("features: expected at least one layer, got an empty dict")
+    for name, f in features.items():
+        if not isinstance(f, torch.Tensor):
+            raise ValueError(f"features[{name!r}]: expected a tensor, got {type(f).__name__}")
+    alphas = _layer_weights(layer_weights, list(features))
+    y = _labels(labels, features)
+    scores = _scores(features, y, tau, scheme, shrinkage, detach_directions, reduce)
+    return weight * _combine(scores, alphas)
+
+
+# --------------------------------------------------------------------------- module
+
+
+class LSMLoss(nn.Module):
+    """Auxiliary separability loss with its own long-lived hidden-layer capture.
+
+    Args:
+        model: the network (DDP / torch.compile wrappers accepted, see HiddenCapture).
+        layers: names, glob patterns or module classes; None = ``model.hidden_layers``.
+        weight: overall weight >= 0 (the loss is at most ``weight`` with default α).
+        layer_weights: None (uniform 1/L), dict {layer name: α} or list in ``names`` order.
+        tau, scheme, shrinkage, detach_directions, reduce: passed to ``soft_md_lsm``.
+        warmup_steps: length of the linear ramp of the weight from 0 (int >= 0).
+        output_index: which tensor of a tuple/dict layer output (see HiddenCapture).
+
+    Use: run ``model(x)``, then ``reg(labels)`` once; the captured features are consumed
+    (dropped) by the call, so a second call without a new forward pass raises. The model
+    is not a submodule: ``reg.state_dict()`` holds only the counters ``num_steps`` and
+    ``num_skipped``, and ``reg.parameters()`` is empty. ``remove()`` detaches the hooks.
+    """
+
+    num_steps: torch.Tensor
+    num_skipped: torch.Tensor
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Any = None,
+        weight: float = 0.1,
+        layer_weights: Any = None,
+        tau: float = 0.5,
+        scheme: str = "pairwise",
+        warmup_steps: int = 0,
+        shrinkage: float = 0.1,
+        reduce: str = "auto",
+        detach_directions: bool = False,
+        *,
+        output_index: int | str = 0,
+    ) -> None:
+        super().__init__()
+        self.weight = check_positive(weight, "weight", allow_zero=True)
+        self.tau = _check_options(tau, scheme, shrinkage, reduce)
+        self.scheme = scheme
+        self.shrinkage = float(shrinkage)
+        self.reduce = reduce
+        self.detach_directions = bool(detach_directions)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps: expected an int >= 0, got {warmup_steps!r}")
+        self.warmup_steps = warmup_steps
+        capture = HiddenCapture(model, layers, detach=False, output_index=output_index)
+        try:
+            self.alphas = _layer_weights(layer_weights, capture.names)
+        except ValueError:
+            capture.remove()
+            raise
+        self.capture = capture  # a plain attribute: the model is not a submodule
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("num_skipped", torch.zeros((), dtype=torch.long))
+        self._last: dict[str, torch.Tensor] = {}
+
+    # -- read-only views -----------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """The captured layers, in order."""
+        return self.capture.names
+
+    @property
+    def steps(self) -> int:
+        """Training-mode calls so far (drives the warmup)."""
+        return int(self.num_steps)
+
+    @property
+    def skipped(self) -> int:
+        """Batches with fewer than two classes (they contributed 0)."""
+        return int(self.num_skipped)
+
+    @property
+    def last(self) -> dict[str, float]:
+        """Per-layer soft scores S_l of the latest call, as floats (for logging)."""
+        return {name: float(s) for name, s in self._last.items()}
+
+    def ramp(self) -> float:
+        """Warmup factor the next call will use."""
+        if self.warmup_steps == 0:
+            return 1.0
+        return min(1.0, self.steps / self.warmup_steps)
+
+    # -- the loss --------------------------------------------------------------------------
+    def forward(self, labels: Any) -> torch.Tensor:
+        """R for the features of the latest forward pass (see the module docstring)."""
+        if not self.capture.attached:
+            raise RuntimeError("LSMLoss: the hooks were removed (remove()); create a new LSMLoss")
+        feats = self.capture.features
+        if not feats:
+            raise RuntimeError(
+                "LSMLoss: no hidden features captured; run model(x) before each reg(labels) "
+                "call (features are used once)"
+            )
+        missing = [n for n in self.names if n not in feats]
+        if missing:
+            raise RuntimeError(
+                f"LSMLoss: layers {missing} did not run in the latest forward pass "
+                f"(captured: {list(feats)})"
+            )
+        feats = {n: feats[n] for n in self.names}
+        y = _labels(labels, feats)
+        scores = _scores(
+            feats, y, self.tau, self.scheme, self.shrinkage, self.detach_directions, self.reduce
+        )
+        self.capture.clear()
+        self._last = {n: s.detach() for n, s in scores.items()}
+        single = (y != y[:1]).any().logical_not() if y.numel() else torch.tensor(True)
+        self.num_skipped += single.to(self.num_skipped.device)
+        reg = self.weight * _combine(scores, self.alphas)
+        if self.warmup_steps:
+            ramp = (self.num_steps.double() / self.warmup_steps).clamp(max=1.0)
+            reg = reg * ramp.to(device=reg.device, dtype=reg.dtype)
+        if self.training and self.capture.module.training:
+            self.num_steps += 1
+        return reg
+
+    def remove(self) -> None:
+        """Remove the hooks from the model and drop captured features (idempotent)."""
+        self.capture.remove()
+        self.capture.clear()
+
+    def extra_repr(self) -> str:
+        return (
+            f"layers={self.names}, weight={self.weight}, tau={self.tau}, scheme={self.scheme!r}, "
+            f"warmup_steps={self.warmup_steps}, shrinkage={self.shrinkage}"
+        )
