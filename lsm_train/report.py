@@ -49,6 +49,8 @@ AGGREGATE_LAYER_NAMES = frozenset({"mean", "avg", "average", "min", "max", "all"
 #: keys tried, in order, for the elapsed wall time of a run (seconds; the largest value wins).
 TIME_KEYS = ("time/elapsed", "time/wall", "time/total", "time/elapsed_s")
 #: keys tried, in order, for the guard's acceptance rate (the last finite value wins).
+#: the per-layer bar chart is drawn for sweeps of at most this many settings.
+MAX_BAR_GROUPS = 16
 ACCEPT_KEYS = ("guard/accept_rate", "guard/acceptance_rate", "guard/accepted_fraction")
 
 __all__ = ["ReportError", "Run", "Report", "read_metrics", "load_runs", "build_report", "main"]
@@ -431,6 +433,37 @@ def layer_table(groups: list[Group]) -> Table:
     )
 
 
+def sync_summary_table(groups: list[Group]) -> Table:
+    """Per setting: synchronicity of the first and the last hidden layer and over all layers.
+
+    The paper expects it clearest next to the output (the last hidden layer). Each run
+    contributes its own first/last layer and its mean over layers; mean ± std over seeds.
+    """
+    rows = []
+    for g in groups:
+        firsts, lasts, means, rhos = [], [], [], []
+        for r in g.runs:
+            sync = list(r.synchronicity().values())
+            if not sync:
+                continue
+            firsts.append(sync[0].same_sign)
+            lasts.append(sync[-1].same_sign)
+            means.append(float(np.nanmean([s.same_sign for s in sync]))
+                         if any(math.isfinite(s.same_sign) for s in sync) else math.nan)
+            rhos.append(sync[-1].spearman)
+        if not firsts:
+            continue
+        rows.append([g.label, str(len(firsts)), stats.format_mean_std(firsts),
+                     stats.format_mean_std(lasts), stats.format_mean_std(means),
+                     stats.format_mean_std(rhos)])
+    return Table(
+        "Synchronicity by setting (same-sign fraction; mean ± std over seeds)",
+        ["setting", "runs", "first hidden layer", "last hidden layer", "mean over layers",
+         "Spearman ρ, last hidden layer"],
+        rows,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # plots
 
@@ -627,6 +660,9 @@ def build_report(
     groups = group_runs(runs)
     tables = [summary_table(groups, threshold)]
     if len(runs) > 1:
+        sync_summary = sync_summary_table(groups)
+        if sync_summary.rows:
+            tables.append(sync_summary)
         tables.append(layer_table(groups))
     tables += [sync_table(r) for r in runs]
 
@@ -640,8 +676,9 @@ def build_report(
         if len(runs) > 1:
             images.append(plot_grid(groups, out))
             images.append(plot_acc_bars(groups, out))
-        if len(groups) > 1 and any(_ordered_layers(g.runs) for g in groups):
-            images.append(plot_layer_bars(groups, out))
+        with_layers = [g for g in groups if _ordered_layers(g.runs)]
+        if 1 < len(with_layers) <= MAX_BAR_GROUPS:
+            images.append(plot_layer_bars(with_layers, out))
 
     summary = {
         "folder": str(folder),

@@ -228,7 +228,13 @@ def test_sweep_grouping_and_mean_std_table(tmp_path):
     assert relu["guard accept rate"] == "0.600 ± 0.100"
     assert tanh["guard accept rate"] == "–"
     # per-layer table: relu lockstep, tanh fc1 opposite
-    layer_rows = {(r[0], r[1]): r for r in rep.tables[1].rows}
+    tables = {t.title.split(" (")[0]: t for t in rep.tables}
+    sync_rows = {r[0]: r for r in tables["Synchronicity by setting"].rows}
+    # tanh: fc1 (first) always opposite, fc2 (last) in lockstep -> mean over layers 0.5
+    assert sync_rows["model.activation=tanh"][2:5] == [
+        "0.000 ± 0.000", "1.000 ± 0.000", "0.500 ± 0.000"]
+    assert sync_rows["model.activation=relu"][5] == "1.000 ± 0.000"
+    layer_rows = {(r[0], r[1]): r for r in tables["Per layer"].rows}
     assert layer_rows[("model.activation=relu", "fc1")][4] == "1.000 ± 0.000"
     assert layer_rows[("model.activation=tanh", "fc1")][4] == "0.000 ± 0.000"
     assert layer_rows[("model.activation=tanh", "fc1")][5] == "-1.000 ± 0.000"
@@ -365,3 +371,104 @@ def test_reads_the_trackers_own_format(tmp_path):
     assert run.accept_rate() == 0.75
     assert run.synchronicity()["layers.2"].same_sign == 1.0
     assert run.steps_to(0.9) == 30
+
+
+# ------------------------------------------------------------------------------------------
+# the paper and ablation recipes (need the Hydra app)
+
+PAPER = ["paper/synchronicity", "paper/activation", "paper/width", "paper/depth"]
+ABLATION = ["ablation/zoo", "ablation/zoo-cifar10"]
+# one point of each sweep (the first value of every swept key but the seed)
+ONE_POINT = {
+    "paper/synchronicity": ["model=cnn"],
+    "paper/activation": ["model.kwargs.activation=sigmoid"],
+    "paper/width": ["model.kwargs.width=16"],
+    "paper/depth": ["model.kwargs.depth=4"],
+    "ablation/zoo": ["model=dbn", "lsm=both"],
+}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _sweep_params(recipe: str) -> dict[str, list[str]]:
+    from lsm_train.app import compose
+
+    cfg = compose([f"recipe={recipe}"], return_hydra_config=True)
+    return {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
+
+
+@pytest.mark.parametrize("recipe", PAPER + ABLATION)
+def test_recipe_sweeps_name_valid_choices(recipe):
+    from lsm_train.app import conf_dir, list_recipes
+    from lsm_train.models import list_models
+    from lsm_train.models.mlp import ACTIVATIONS
+
+    assert recipe in list_recipes()
+    text = (REPO / "recipes" / f"{recipe}.yaml").read_text()
+    assert text.startswith("# @package _global_")
+    params = _sweep_params(recipe)
+    assert params["seed"] == ["0", "1", "2"]
+    families = ["mlp", "cnn", "dbn", "resnet", "vgg", "alexnet", "vit", "googlenet"]
+    if "model" in params:
+        assert params["model"] == families and set(families) <= set(list_models())
+    if "lsm" in params:
+        assert params["lsm"] == ["off", "loss", "guard", "both"]
+        assert all((conf_dir() / "lsm" / f"{m}.yaml").is_file() for m in params["lsm"])
+    if recipe == "paper/activation":
+        assert params["model.kwargs.activation"] == [
+            "sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu"]
+        assert set(params["model.kwargs.activation"]) <= set(ACTIVATIONS)
+
+
+@pytest.mark.parametrize("recipe", PAPER + ["ablation/zoo"])
+def test_recipe_one_point_trains_with_debug_smoke(recipe, tmp_path):
+    """In-process: compose one point of the sweep with debug=smoke and train it."""
+    from lsm_train.app import compose, train_from_config
+
+    overrides = [f"recipe={recipe}", *ONE_POINT[recipe], "debug=smoke", "logger=none",
+                 "trainer.progress=false", "trainer.plots=false", "trainer.checkpoint=false"]
+    cfg = compose(overrides)
+    if recipe.startswith("paper/"):
+        assert cfg.lsm.mode == "monitor"
+    result = train_from_config(cfg, tmp_path / "run", recipe=recipe)
+    assert result.status == "completed"
+    run = report.load_runs(tmp_path / "run")[0]
+    if cfg.lsm.mode != "off":
+        assert run.layers, "no lsm/<layer> logged"
+        assert all(s.intervals >= 1 for s in run.synchronicity().values())
+    assert math.isfinite(run.final("val/acc"))
+
+
+def test_paper_activation_multirun_then_report(tmp_path, capsys):
+    """End to end: a 2-job multirun of the real app (subprocess), then lsm-report on it."""
+    import subprocess
+    import sys
+
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "lsm_train", "-m", "recipe=paper/activation", "debug=smoke",
+           "model.kwargs.activation=sigmoid,tanh", "seed=0", "logger=none",
+           "trainer.progress=false", "trainer.plots=false", "trainer.checkpoint=false",
+           f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert report.main([str(sweep), "--out", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    assert "model.kwargs.activation=sigmoid" in out and "model.kwargs.activation=tanh" in out
+    assert "seed=0" not in out.split("## Per layer")[0]  # the seed is not a setting
+    assert _is_png(tmp_path / "rep" / "final_lsm_bars.png")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", [r for r in PAPER if r != "paper/activation"])
+def test_paper_recipe_subprocess_smoke(recipe, tmp_path):
+    """The same as the in-process test, through ``python -m lsm_train -m`` (one job)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "lsm_train", "-m", f"recipe={recipe}", *ONE_POINT[recipe],
+           "seed=0", "debug=smoke", "logger=none", "trainer.progress=false",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(report.load_runs(tmp_path / "sweep")) == 1
