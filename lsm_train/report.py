@@ -139,12 +139,16 @@ class Run:
     @classmethod
     def load(cls, path: Path, name: str | None = None) -> Run:
         path = Path(path)
+        records = read_metrics(path / METRICS_FILE)
+        if not records:
+            warnings.warn(f"{path / METRICS_FILE}: no records (the run logged nothing)",
+                          stacklevel=2)
         overrides = _read_yaml(path / ".hydra" / "overrides.yaml")
         config = _read_yaml(path / ".hydra" / "config.yaml")
         return cls(
             path=path,
             name=name or path.name,
-            records=read_metrics(path / METRICS_FILE),
+            records=records,
             overrides=[str(o) for o in overrides] if isinstance(overrides, list) else [],
             config=config if isinstance(config, dict) else None,
         )
@@ -320,10 +324,10 @@ def group_runs(runs: list[Run]) -> list[Group]:
     keyed: dict[tuple, list[Run]] = {}
     for run in runs:
         if run.overrides or (run.path / ".hydra" / "overrides.yaml").is_file():
-            key = tuple(
+            key = tuple(sorted(
                 o for o in run.overrides
                 if not is_seed_override(o) and not _override_key(o).startswith("hydra.")
-            )
+            ))
         else:
             key = ("run=" + run.name,)
         keyed.setdefault(key, []).append(run)
@@ -331,7 +335,8 @@ def group_runs(runs: list[Run]) -> list[Group]:
     common = set(keys[0]).intersection(*keys[1:]) if keys else set()
     groups = []
     for key, members in keyed.items():
-        varying = [o for o in key if o not in common]
+        first = members[0].overrides  # the label keeps the command line's order
+        varying = [o for o in first if o in key and o not in common]
         if key and key[0].startswith("run=") and len(key) == 1:
             label = key[0][4:]
         else:

@@ -249,6 +249,24 @@ def test_seed_override_variants_are_ignored_for_grouping():
     assert not report.is_seed_override("model.seeding=1")
 
 
+def test_grouping_ignores_override_order_and_labels_only_what_varies(tmp_path):
+    rows = lockstep_rows(ACC)
+    write_run(tmp_path / "s" / "0", rows, overrides=["debug=smoke", "lsm=loss", "seed=0"])
+    write_run(tmp_path / "s" / "1", rows, overrides=["seed=1", "lsm=loss", "debug=smoke"])
+    write_run(tmp_path / "s" / "2", rows, overrides=["debug=smoke", "lsm=guard", "seed=0"])
+    groups = report.group_runs(report.load_runs(tmp_path / "s"))
+    assert [(g.label, [r.name for r in g.runs]) for g in groups] == [
+        ("lsm=loss", ["0", "1"]), ("lsm=guard", ["2"])]
+
+
+def test_empty_metrics_file_warns_and_reports_dashes(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "metrics.jsonl").write_text("")
+    with pytest.warns(UserWarning, match="no records"):
+        rep = report.build_report(tmp_path / "r", plots=False)
+    assert rep.tables[0].rows[0][2] == "–"
+
+
 def test_wall_time_falls_back_to_file_times(tmp_path):
     run_dir = write_run(tmp_path / "r", lockstep_rows(ACC), overrides=["seed=0"])
     for p in (run_dir / ".hydra").glob("*.yaml"):
