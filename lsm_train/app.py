@@ -1,0 +1,385 @@
+"""``lsm-train`` / ``python -m lsm_train``: the Hydra 1.3 application.
+
+    lsm-train                                   # recipe=quickstart: MLP on digits, lsm=both
+    lsm-train recipe=zoo/resnet-digits lsm=guard trainer.epochs=3
+    lsm-train -m recipe=ablation/lsm-modes      # off, loss, guard, both as one multirun
+
+Config groups live in ``conf/`` (model, data, optim, sched, lsm, logger, trainer, debug,
+hydra); experiments in ``recipes/`` (``# @package _global_``). ``recipes/`` is exposed as
+the config group ``recipe`` by :class:`RecipeConfigSource`, a Hydra config source for the
+``lsmrecipes://`` search-path scheme, so ``recipe=zoo/mlp-digits`` selects
+``recipes/zoo/mlp-digits.yaml``. Both folders are found in a source checkout (next to the
+package) and in an installed wheel (inside the package, see :func:`conf_dir`).
+
+Each run writes to Hydra's run folder: ``metrics.jsonl``, ``checkpoint.pt``,
+``summary.png``, ``wandb/`` (offline unless ``WANDB_MODE=online``) and ``.hydra/``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from hydra._internal.core_plugins.file_config_source import FileConfigSource
+from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ObjectType
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = [
+    "main",
+    "conf_dir",
+    "recipes_dir",
+    "list_recipes",
+    "compose",
+    "train_from_config",
+    "validate_config",
+    "RecipeConfigSource",
+]
+
+_PKG = Path(__file__).resolve().parent
+
+
+def _find_dir(name: str) -> Path:
+    """``lsm_train/<name>`` in an installed wheel, ``<checkout>/<name>`` in a source tree."""
+    env = os.environ.get(f"LSM_TRAIN_{name.upper()}_DIR")
+    candidates = [Path(env)] if env else []
+    candidates += [_PKG / name, _PKG.parent / name]
+    for cand in candidates:
+        if cand.is_dir():
+            return cand
+    raise FileNotFoundError(
+        f"lsm_train: the '{name}' folder was not found (looked in "
+        f"{', '.join(str(c) for c in candidates)}); reinstall the package or set "
+        f"LSM_TRAIN_{name.upper()}_DIR"
+    )
+
+
+def conf_dir() -> Path:
+    """The folder of Hydra config groups (``conf/``)."""
+    return _find_dir("conf")
+
+
+def recipes_dir() -> Path:
+    """The folder of recipes (``recipes/``)."""
+    return _find_dir("recipes")
+
+
+def list_recipes() -> list[str]:
+    """Every recipe name (``recipe=`` values), e.g. ``["quickstart", "zoo/mlp-digits", ...]``."""
+    root = recipes_dir()
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+
+
+class RecipeConfigSource(FileConfigSource):
+    """Hydra config source exposing a folder of recipes as the config group ``recipe``.
+
+    Search-path entry ``lsmrecipes://builtin`` is the package's ``recipes/`` folder;
+    ``lsmrecipes:///abs/folder`` any other folder. ``recipe/<path>`` maps to
+    ``<folder>/<path>.yaml``.
+    """
+
+    GROUP = "recipe"
+
+    def __init__(self, provider: str, path: str) -> None:
+        super().__init__(provider=provider, path=path)
+        if self.path in ("", "builtin"):
+            self.path = str(recipes_dir())
+
+    @staticmethod
+    def scheme() -> str:
+        return "lsmrecipes"
+
+    def _inner(self, config_path: str) -> str | None:
+        p = config_path.strip("/")
+        if p == self.GROUP:
+            return ""
+        if p.startswith(self.GROUP + "/"):
+            return p[len(self.GROUP) + 1 :]
+        return None
+
+    def load_config(self, config_path: str) -> ConfigResult:
+        inner = self._inner(config_path)
+        if not inner:
+            raise ConfigLoadError(f"Config not found : {config_path}")
+        return super().load_config(inner)
+
+    def is_group(self, config_path: str) -> bool:
+        if config_path.strip("/") == "":
+            return True
+        inner = self._inner(config_path)
+        return inner is not None and super().is_group(inner)
+
+    def is_config(self, config_path: str) -> bool:
+        inner = self._inner(config_path)
+        return bool(inner) and super().is_config(inner)
+
+    def list(self, config_path: str, results_filter: ObjectType | None) -> list[str]:
+        if config_path.strip("/") == "":
+            return [self.GROUP] if results_filter in (None, ObjectType.GROUP) else []
+        inner = self._inner(config_path)
+        if inner is None or not super().is_group(inner):
+            return []
+        files: list[str] = []
+        for name in os.listdir(os.path.join(self.path, inner)):
+            self._list_add_result(
+                files=files,
+                file_path=f"{config_path.rstrip('/')}/{name}",
+                file_name=name,
+                results_filter=results_filter,
+            )
+        return sorted(set(files))
+
+
+def register_sources() -> None:
+    """Make the ``lsmrecipes://`` scheme known to Hydra (idempotent)."""
+    from hydra._internal.sources_registry import SourcesRegistry
+
+    registry = SourcesRegistry.instance()
+    if RecipeConfigSource.scheme() not in registry.types:
+        registry.register(RecipeConfigSource)
+
+
+register_sources()
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def compose(overrides: list[str] | None = None, *, return_hydra_config: bool = False) -> DictConfig:
+    """Compose the app's config as ``lsm-train`` would (for tests, notebooks, tools)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return hydra_compose(
+            "config", overrides=list(overrides or []), return_hydra_config=return_hydra_config
+        )
+
+
+def _num(cfg: Any, key: str) -> Any:
+    return OmegaConf.select(cfg, key, default=None)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Reject bad values before any data is loaded; ValueError names the key and the fix."""
+    from lsm_train.trainer import LSM_MODES
+
+    errors: list[str] = []
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            errors.append(msg)
+
+    def is_num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    mode = _num(cfg, "lsm.mode")
+    need(mode in LSM_MODES, f"lsm.mode: expected one of {list(LSM_MODES)}, got {mode!r}")
+    w = _num(cfg, "lsm.loss.weight")
+    need(is_num(w) and w >= 0, f"lsm.loss.weight: expected a number >= 0, got {w!r}")
+    tau = _num(cfg, "lsm.loss.tau")
+    need(is_num(tau) and tau > 0, f"lsm.loss.tau: expected a number > 0, got {tau!r}")
+    scheme = _num(cfg, "lsm.loss.scheme")
+    need(scheme in ("pairwise", "ovr"),
+         f"lsm.loss.scheme: expected pairwise or ovr, got {scheme!r}")
+    lw = _num(cfg, "lsm.loss.layer_weights")
+    if lw is not None:
+        vals = list(lw.values()) if hasattr(lw, "values") else list(lw)
+        need(all(is_num(v) and v >= 0 for v in vals),
+             f"lsm.loss.layer_weights: expected numbers >= 0, got {OmegaConf.to_container(lw)}")
+    hold = _num(cfg, "lsm.monitor.holdout")
+    need(hold is None or (is_num(hold) and 0 < hold < 1),
+         f"lsm.monitor.holdout: expected null or a fraction in (0, 1), got {hold!r}")
+    method = _num(cfg, "lsm.monitor.method")
+    need(method in ("degree", "margin", "soft"),
+         f"lsm.monitor.method: expected degree, margin or soft, got {method!r}")
+    for key, low in (
+        ("lsm.monitor.probe_size", 4),
+        ("lsm.monitor.test_size", 4),
+        ("lsm.guard.probe_size", 4),
+        ("lsm.guard.check_every", 1),
+        ("lsm.guard.max_consecutive_rejects", 1),
+        ("trainer.epochs", 1),
+        ("trainer.log_every_n_steps", 1),
+        ("data.batch_size", 1),
+        ("data.eval_batch_size", 1),
+    ):
+        v = _num(cfg, key)
+        need(isinstance(v, int) and not isinstance(v, bool) and v >= low,
+             f"{key}: expected an integer >= {low}, got {v!r}")
+    for key in ("lsm.guard.tolerance", "lsm.guard.max_retries", "lsm.loss.warmup_steps",
+                "trainer.monitor_every_n_steps"):
+        v = _num(cfg, key)
+        need(is_num(v) and v >= 0, f"{key}: expected a number >= 0, got {v!r}")
+    backoff = _num(cfg, "lsm.guard.backoff")
+    need(is_num(backoff) and 0 < backoff < 1,
+         f"lsm.guard.backoff: expected a fraction in (0, 1), got {backoff!r}")
+    ms = _num(cfg, "trainer.max_steps")
+    need(ms is None or (isinstance(ms, int) and ms >= 1),
+         f"trainer.max_steps: expected null or an integer >= 1, got {ms!r}")
+    lr = _num(cfg, "optim.lr")
+    need(is_num(lr) and lr > 0, f"optim.lr: expected a number > 0, got {lr!r}")
+    layers = _num(cfg, "lsm.layers")
+    if layers is not None and not isinstance(layers, str):
+        need(len(layers) > 0, "lsm.layers: expected null (model.hidden_layers) or a non-empty list")
+    if errors:
+        raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def _resume_dir(resume: Any, run_dir: Path) -> Path | None:
+    from lsm_train.trainer import CHECKPOINT_NAME
+
+    if resume in (None, False, "false", "False"):
+        return None
+    if resume in (True, "true", "True"):
+        if (run_dir / CHECKPOINT_NAME).is_file():
+            return run_dir
+        parent = run_dir.parent
+        found = sorted(
+            (p for p in parent.glob(f"*/{CHECKPOINT_NAME}") if p.parent != run_dir),
+            key=lambda p: p.stat().st_mtime,
+        )
+        if not found:
+            raise ValueError(
+                f"resume=true: no {CHECKPOINT_NAME} in {run_dir} nor in an earlier run under "
+                f"{parent}; pass resume=<run folder> or start anew with resume=false"
+            )
+        return found[-1].parent
+    p = Path(str(resume)).expanduser()
+    if p.is_file():
+        return p.parent
+    if (p / CHECKPOINT_NAME).is_file():
+        return p
+    raise ValueError(f"resume={resume}: no {CHECKPOINT_NAME} there; expected a run folder or file")
+
+
+def _wandb_settings(
+    cfg: DictConfig, recipe: str, sweep: str | None, resume_id: str | None
+) -> dict[str, Any] | None:
+    wcfg = _num(cfg, "logger.wandb")
+    if wcfg is None:
+        return None
+    w = OmegaConf.to_container(wcfg, resolve=True)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["recipe"] = recipe
+    group = w.get("group") or (f"{recipe}/{sweep}" if sweep else recipe)
+    mode = _num(cfg, "lsm.mode")
+    tags = list(dict.fromkeys(
+        [str(t) for t in (w.get("tags") or [])] + [str(t) for t in (cfg.get("tags") or [])]
+        + [str(_num(cfg, "model.name")), str(_num(cfg, "data.name")), f"lsm-{mode}"]
+    ))
+    name = w.get("name") or f"{_num(cfg, 'model.name')}-{_num(cfg, 'data.name')}-{mode}-s{cfg.seed}"
+    return {
+        "project": w.get("project"),
+        "entity": w.get("entity"),
+        "mode": w.get("mode"),
+        "group": group,
+        "job_type": w.get("job_type") or "train",
+        "tags": tags,
+        "name": name,
+        "id": resume_id,
+        "config": config,
+    }
+
+
+def train_from_config(
+    cfg: DictConfig,
+    run_dir: str | Path,
+    *,
+    recipe: str = "custom",
+    sweep: str | None = None,
+    model_factory: Any = None,
+) -> Any:
+    """Validate ``cfg``, build the trainer, train, write plots and the summary.
+
+    Returns the :class:`~lsm_train.trainer.TrainResult`. Raises ValueError (bad config)
+    before any training step.
+    """
+    from lsm_train.checkpoint import load_checkpoint
+    from lsm_train.plots import plot_run, summary_table
+    from lsm_train.tracking import Tracker
+    from lsm_train.trainer import CHECKPOINT_NAME, Trainer
+
+    validate_config(cfg)
+    run_dir = Path(run_dir)
+    work = _resume_dir(cfg.get("resume"), run_dir)
+    ckpt = None
+    if work is not None:
+        ckpt = work / CHECKPOINT_NAME
+        if work != run_dir:
+            print(f"lsm-train: resuming the run in {work}", file=sys.stderr)
+    else:
+        work = run_dir
+    trainer = Trainer(cfg, work, resume_from=ckpt, model_factory=model_factory)
+    resume_id = None
+    if ckpt is not None:
+        resume_id = load_checkpoint(ckpt).get("wandb_id")
+    tracker = Tracker(
+        work,
+        wandb=_wandb_settings(cfg, recipe, sweep, resume_id),
+        resume_step=trainer.step if ckpt is not None else None,
+    )
+    trainer.tracker = tracker
+    result = None
+    try:
+        result = trainer.fit()
+        if _num(cfg, "trainer.plots") is not False:
+            try:
+                png = plot_run(work / "metrics.jsonl", work / "summary.png", title=recipe)
+                tracker.log_image("plots/summary", png)
+            except Exception as err:  # noqa: BLE001 - plotting never fails a run
+                warnings.warn(f"summary plot failed: {err}", RuntimeWarning, stacklevel=2)
+        tracker.summary({k: v for k, v in result.final.items() if not k.startswith("time/")})
+        print(summary_table(work / "metrics.jsonl", result), file=sys.stderr)
+        if result.message:
+            print(f"lsm-train: {result.message}", file=sys.stderr)
+    finally:
+        tracker.close(exit_code=0 if result is not None and result.status == "completed" else 1)
+    return result
+
+
+def _hydra_task(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    recipe = hc.runtime.choices.get("recipe") or "custom"
+    multirun = hc.mode == RunMode.MULTIRUN
+    sweep = Path(hc.sweep.dir).name if multirun else None
+    try:
+        result = train_from_config(cfg, run_dir, recipe=recipe, sweep=sweep)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"lsm-train: error: {err}", file=sys.stderr)
+        if multirun:
+            raise
+        sys.exit(2)
+    if result.status == "interrupted":
+        sys.exit(128 + int(result.signum or 15))  # the shell convention for "stopped by signal"
+    if result.status == "nan":
+        if not multirun:
+            sys.exit(1)
+        return float("nan")
+    acc = result.final.get("val/acc")
+    return None if acc is None else float(acc)
+
+
+def main() -> None:
+    """Console entry point ``lsm-train``."""
+    import hydra
+
+    register_sources()
+    hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(
+        _hydra_task
+    )()
+
+
+if __name__ == "__main__":
+    main()

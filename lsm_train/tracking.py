@@ -1,0 +1,169 @@
+"""Run tracking: a local ``metrics.jsonl`` (always) and Weights & Biases (optional).
+
+``metrics.jsonl`` holds one JSON object per logged step, e.g.
+``{"step": 40, "epoch": 1, "train/loss": 0.31, "train/acc": 0.93, "val/acc": 0.91,
+"lsm/fc1": 0.97, "val_lsm/fc1": 0.95, "guard/accept_rate": 0.9}``. It is written with a
+flush per line, so it survives a crash, and on resume the lines past the checkpoint's step
+are dropped so the file ends exactly as an uninterrupted run's would.
+
+wandb is failure-tolerant: any exception from ``wandb.init``, ``log`` or ``finish`` is
+turned into one warning and training goes on (the local file is unaffected).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Tracker", "read_metrics"]
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else (1e308 if v > 0 else -1e308)
+    return v
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a ``metrics.jsonl`` file (or of ``<run dir>/metrics.jsonl``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Tracker:
+    """Log metrics to ``<run_dir>/metrics.jsonl`` and, when ``wandb`` is a config mapping,
+    to a wandb run.
+
+    ``wandb`` keys: ``project``, ``entity``, ``mode`` (offline/online/disabled), ``group``,
+    ``job_type``, ``tags``, ``name``, ``id`` (to resume a run), ``config`` (a plain dict).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        wandb: Mapping[str, Any] | None = None,
+        resume_step: int | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / "metrics.jsonl"
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        elif self.path.exists():
+            self.path.unlink()
+        self._file = open(self.path, "a", encoding="utf-8")
+        self.failures = 0
+        self._warned: set[str] = set()
+        self.run = None
+        if wandb is not None:
+            self._init_wandb(dict(wandb))
+
+    # ------------------------------------------------------------------ local file
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        with open(self.path, "w", encoding="utf-8") as f:
+            for r in keep:
+                f.write(json.dumps(r) + "\n")
+
+    # ---------------------------------------------------------------------- wandb
+    def _warn(self, what: str, err: BaseException) -> None:
+        self.failures += 1
+        if what not in self._warned:
+            self._warned.add(what)
+            warnings.warn(
+                f"wandb {what} failed ({type(err).__name__}: {err}); training continues, "
+                f"metrics.jsonl is still written",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _init_wandb(self, cfg: dict[str, Any]) -> None:
+        try:
+            import wandb
+
+            wandb_dir = self.run_dir  # wandb writes <run_dir>/wandb/<offline-run-...>
+            self.run = wandb.init(
+                project=cfg.get("project") or "lsm_train",
+                entity=cfg.get("entity"),
+                mode=cfg.get("mode") or "offline",
+                group=cfg.get("group"),
+                job_type=cfg.get("job_type"),
+                tags=list(cfg.get("tags") or []),
+                name=cfg.get("name"),
+                id=cfg.get("id"),
+                resume="allow" if cfg.get("id") else None,
+                dir=str(wandb_dir),
+                config=cfg.get("config"),
+                reinit="finish_previous",
+            )
+            self.run.define_metric("step")
+            self.run.define_metric("*", step_metric="step")
+        except Exception as err:  # noqa: BLE001 - a logger must never stop training
+            self.run = None
+            self._warn("init", err)
+
+    @property
+    def wandb_id(self) -> str | None:
+        return getattr(self.run, "id", None)
+
+    # ---------------------------------------------------------------------- API
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        record = {"step": int(step)}
+        record.update({k: _jsonable(v) for k, v in metrics.items() if k != "step"})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.run is not None:
+            try:
+                self.run.log(record)
+            except Exception as err:  # noqa: BLE001
+                self._warn("log", err)
+
+    def log_image(self, key: str, path: str | Path, step: int | None = None) -> None:
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            data: dict[str, Any] = {key: wandb.Image(str(path))}
+            if step is not None:
+                data["step"] = int(step)
+            self.run.log(data)
+        except Exception as err:  # noqa: BLE001
+            self._warn("image upload", err)
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        if self.run is None:
+            return
+        try:
+            for k, v in values.items():
+                self.run.summary[k] = _jsonable(v)
+        except Exception as err:  # noqa: BLE001
+            self._warn("summary", err)
+
+    def close(self, exit_code: int = 0) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if self.run is not None:
+            try:
+                self.run.finish(exit_code=exit_code)
+            except Exception as err:  # noqa: BLE001
+                self._warn("finish", err)
+            self.run = None
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(exit_code=0 if exc[0] is None else 1)

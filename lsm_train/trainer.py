@@ -1,0 +1,600 @@
+"""The training loop behind ``lsm-train``: task loss (+ LSMLoss), optimizer (+ guard), monitor.
+
+One step: forward a batch, ``loss = cross_entropy + reg(labels)`` when the LSM loss is on,
+backward, ``optimizer.step()`` (a :class:`~lsm_train.guard.SeparabilityGuard` around the
+configured optimizer when the guard is on), scheduler step. Every
+``trainer.monitor_every_n_steps`` steps and at each epoch end the monitor computes, for each
+hidden layer, the cross-fitted MD-LSM degree
+``layer_separability(H, y, method="degree", holdout=0.5)`` on a fixed probe set taken from
+the training data (``lsm/<layer>``) and on the test set (``val_lsm/<layer>``), plus the
+test loss and accuracy.
+
+Reproducibility: the batch order of epoch ``e`` is ``epoch_order(n, seed, e)``; checkpoints
+hold the model, optimizer, guard, scheduler and loss states, the RNG states, the position
+inside the epoch and the running sums of the current log interval, so ``resume`` ends in
+exactly the state (and ``metrics.jsonl``) of an uninterrupted run.
+
+Stopping: SIGTERM/SIGINT set a flag; the loop finishes the current step, writes a
+checkpoint and returns ``status="interrupted"``. A non-finite loss stops the run before the
+update (``status="nan"``), leaving the last good checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lsm_train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lsm_train.data import ArrayDataset, DataBundle, epoch_order, load_data
+from lsm_train.tracking import Tracker
+
+__all__ = [
+    "Trainer",
+    "TrainResult",
+    "resolve_device",
+    "seed_everything",
+    "build_scheduler",
+    "measure_layers",
+    "evaluate",
+    "LSM_MODES",
+]
+
+LSM_MODES = ("off", "monitor", "loss", "guard", "both")
+CHECKPOINT_NAME = "checkpoint.pt"
+_DATA_KEYS = ("batch_size", "eval_batch_size", "name")
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    """``cfg.key`` for DictConfig / dict / object, with a default."""
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
+        try:
+            val = cfg.get(key, default)
+        except Exception:  # noqa: BLE001
+            val = default
+        return default if val is None else val
+    return getattr(cfg, key, default)
+
+
+def _plain(cfg: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(cfg, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return cfg
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise ``torch.device(device)``."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """Per-step LR schedule from ``sched`` config: ``name`` none | cosine | step | linear.
+
+    ``warmup_steps`` ramps linearly from 0; ``cosine`` decays to ``min_lr_ratio``;
+    ``step`` multiplies by ``gamma`` every ``step_size`` steps; ``linear`` decays to
+    ``min_lr_ratio`` at the last step.
+    """
+    name = _get(cfg, "name", "none")
+    if name in (None, "none"):
+        return None
+    warmup = int(_get(cfg, "warmup_steps", 0))
+    floor = float(_get(cfg, "min_lr_ratio", 0.0))
+    gamma = float(_get(cfg, "gamma", 0.1))
+    step_size = int(_get(cfg, "step_size", max(1, total_steps // 3)))
+    span = max(1, total_steps - warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / span)
+        if name == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+        if name == "linear":
+            return floor + (1 - floor) * (1 - t)
+        if name == "step":
+            return gamma ** ((step - warmup) // step_size)
+        raise ValueError(f"sched.name: expected none, cosine, linear or step, got {name!r}")
+
+    factor(0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: ArrayDataset, device: torch.device, batch_size: int = 512
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` (eval mode) on ``data``."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(data)))
+        x, y = data.batch(idx)
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    model.train(was_training)
+    n = max(1, len(data))
+    return total_loss / n, correct / n
+
+
+@torch.no_grad()
+def measure_layers(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    layers: list[str],
+    *,
+    method: str = "degree",
+    holdout: float | None = 0.5,
+    seed: int = 0,
+    batch_size: int = 512,
+) -> tuple[dict[str, float], float]:
+    """Cross-fitted MD-LSM of each layer on ``(x, y)`` and the accuracy on it (eval mode)."""
+    from lsm_train.capture import HiddenCapture
+    from lsm_train.measures.layer import layer_separability
+
+    was_training = model.training
+    model.eval()
+    feats: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    correct = 0
+    with HiddenCapture(model, layers) as captured:
+        for start in range(0, x.shape[0], batch_size):
+            xb = x[start : start + batch_size]
+            logits = model(xb)
+            correct += int((logits.argmax(1) == y[start : start + batch_size]).sum())
+            for name in layers:
+                feats[name].append(captured[name].float().cpu())
+    model.train(was_training)
+    yc = y.cpu()
+    scores = {
+        name: float(
+            layer_separability(torch.cat(parts), yc, method=method, holdout=holdout, seed=seed)
+        )
+        for name, parts in feats.items()
+    }
+    return scores, correct / max(1, x.shape[0])
+
+
+@dataclass
+class TrainResult:
+    status: str  # "completed" | "interrupted" | "nan"
+    step: int
+    epoch: int
+    checkpoint: Path | None
+    final: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+    signum: int | None = None  # the signal that interrupted the run
+
+
+class _StopFlag:
+    """Installs SIGTERM/SIGINT handlers that only record the signal (main thread only)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        # a second signal falls back to the previous behaviour (e.g. KeyboardInterrupt)
+        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Trainer:
+    """Train ``cfg.model`` on ``cfg.data`` with the LSM mode ``cfg.lsm.mode``.
+
+    ``cfg`` sections: ``seed``, ``trainer``, ``data``, ``model``, ``optim``, ``sched``,
+    ``lsm`` (see ``conf/``). ``model_factory(bundle) -> nn.Module`` replaces the zoo (tests);
+    ``tracker`` defaults to a local-only :class:`Tracker` in ``run_dir``.
+    """
+
+    def __init__(
+        self,
+        cfg: Any,
+        run_dir: str | Path,
+        *,
+        tracker: Tracker | None = None,
+        model_factory: Callable[[DataBundle], nn.Module] | None = None,
+        resume_from: str | Path | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path = self.run_dir / CHECKPOINT_NAME
+        tcfg = _get(cfg, "trainer", {})
+        lcfg = _get(cfg, "lsm", {})
+        self.seed = int(_get(cfg, "seed", 0))
+        self.mode = _get(lcfg, "mode", "monitor")
+        if self.mode not in LSM_MODES:
+            raise ValueError(f"lsm.mode: expected one of {list(LSM_MODES)}, got {self.mode!r}")
+        self.device = resolve_device(_get(tcfg, "device", "auto"))
+        threads = _get(tcfg, "num_threads", None)
+        if threads:
+            torch.set_num_threads(int(threads))
+        seed_everything(self.seed)
+
+        # data ------------------------------------------------------------------
+        dcfg = dict(_plain(_get(cfg, "data", {})) or {})
+        self.batch_size = int(dcfg.get("batch_size") or 64)
+        self.eval_batch_size = int(dcfg.get("eval_batch_size") or 512)
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size: expected a positive integer, got {self.batch_size}")
+        name = dcfg.get("name", "digits")
+        self.data = load_data(name, **{k: v for k, v in dcfg.items() if k not in _DATA_KEYS})
+        n = len(self.data.train)
+        self.steps_per_epoch = max(1, n // self.batch_size)
+        self.epochs = int(_get(tcfg, "epochs", 1))
+        max_steps = _get(tcfg, "max_steps", None)
+        self.total_steps = self.epochs * self.steps_per_epoch
+        if max_steps is not None:
+            self.total_steps = min(self.total_steps, int(max_steps))
+        self.log_every = max(1, int(_get(tcfg, "log_every_n_steps", 10)))
+        self.monitor_every = int(_get(tcfg, "monitor_every_n_steps", 50))
+
+        # model -----------------------------------------------------------------
+        if model_factory is not None:
+            model = model_factory(self.data)
+        else:
+            from lsm_train.models import create_model
+
+            mcfg = dict(_plain(_get(cfg, "model", {})) or {})
+            kwargs = dict(mcfg.get("kwargs") or {})
+            model = create_model(
+                mcfg.get("name", "mlp"),
+                num_classes=self.data.num_classes,
+                in_channels=self.data.in_channels,
+                image_size=self.data.image_size,
+                **kwargs,
+            )
+        self.model = model.to(self.device)
+
+        # layers, probe sets ---------------------------------------------------------
+        self.layers: list[str] = []
+        monitor_enabled = bool(_get(_get(lcfg, "monitor", {}), "enabled", True))
+        self.monitor_on = self.mode != "off" and monitor_enabled
+        need_layers = self.monitor_on or self.mode in ("loss", "guard", "both")
+        if need_layers:
+            from lsm_train.capture import resolve_layers
+
+            spec = _plain(_get(lcfg, "layers", None))
+            self.layers = resolve_layers(self.model, spec)
+        mon = _get(lcfg, "monitor", {})
+        self.monitor_method = _get(mon, "method", "degree")
+        self.monitor_holdout = _get(mon, "holdout", 0.5)
+        probe_n = int(_get(mon, "probe_size", 512))
+        test_n = int(_get(mon, "test_size", 512))
+        self.probe = self.data.train.batch(torch.arange(min(probe_n, n)))
+        self.test_probe = self.data.test.batch(torch.arange(min(test_n, len(self.data.test))))
+
+        # optimizer, guard, loss, scheduler -------------------------------------------
+        self.optimizer = self._build_optimizer(_get(cfg, "optim", {}))
+        self.reg = None
+        self.guard = None
+        if self.mode in ("loss", "both"):
+            self.reg = self._build_loss(_get(lcfg, "loss", {}))
+        step_opt: torch.optim.Optimizer = self.optimizer
+        if self.mode in ("guard", "both"):
+            self.guard = self._build_guard(_get(lcfg, "guard", {}))
+            step_opt = self.guard
+        self.step_optimizer = step_opt
+        # the schedule drives the inner optimizer: the guard shares its param_groups
+        self.scheduler = build_scheduler(self.optimizer, _get(cfg, "sched", {}), self.total_steps)
+        self.grad_clip = _get(tcfg, "grad_clip", None)
+
+        self.tracker = tracker
+        self._own_tracker = tracker is None
+        self.progress = bool(_get(tcfg, "progress", True))
+        self.checkpointing = bool(_get(tcfg, "checkpoint", True))
+
+        # state --------------------------------------------------------------------
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.elapsed = 0.0
+        self.acc_sums = {"loss": 0.0, "correct": 0, "count": 0, "batches": 0}
+        self.last: dict[str, float] = {}
+        self.history_lsm_mean: float | None = None
+        if resume_from is not None:
+            self._restore(load_checkpoint(resume_from, map_location=self.device))
+
+    # ------------------------------------------------------------------ builders
+    def _build_optimizer(self, ocfg: Any) -> torch.optim.Optimizer:
+        ocfg = dict(_plain(ocfg) or {})
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if "_target_" in ocfg:
+            from hydra.utils import get_class
+
+            cls = get_class(ocfg.pop("_target_"))
+            ocfg.pop("_partial_", None)
+        else:
+            name = ocfg.pop("name", "adamw")
+            cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[
+                name
+            ]
+        return cls(params, **ocfg)
+
+    def _build_loss(self, cfg: Any) -> nn.Module:
+        from lsm_train.loss import LSMLoss
+
+        cfg = dict(_plain(cfg) or {})
+        return LSMLoss(
+            self.model,
+            self.layers,
+            weight=float(cfg.get("weight", 0.1)),
+            layer_weights=cfg.get("layer_weights"),
+            tau=float(cfg.get("tau", 0.5)),
+            scheme=cfg.get("scheme", "pairwise"),
+            warmup_steps=int(cfg.get("warmup_steps", 0)),
+        )
+
+    def _build_guard(self, cfg: Any) -> torch.optim.Optimizer:
+        from lsm_train.guard import SeparabilityGuard
+
+        cfg = dict(_plain(cfg) or {})
+        probe_n = int(cfg.pop("probe_size", 256))
+        n = min(probe_n, len(self.data.train))
+        gx, gy = self.data.train.batch(torch.arange(n))
+        return SeparabilityGuard(
+            self.optimizer,
+            self.model,
+            (gx.to(self.device), gy.to(self.device)),
+            layers=self.layers,
+            **cfg,
+        )
+
+    # --------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "model": self.model.state_dict(),
+            # the guard's state dict is the inner optimizer's plus its counters and cache
+            "optimizer": self.step_optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "reg": self.reg.state_dict() if self.reg is not None else None,
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "elapsed": self.elapsed,
+            "acc_sums": dict(self.acc_sums),
+            "last": dict(self.last),
+            "rng": rng_state(),
+            "config": _plain(self.cfg),
+        }
+        if self.tracker is not None and self.tracker.wandb_id:
+            state["wandb_id"] = self.tracker.wandb_id
+        return state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.step_optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.reg is not None and state.get("reg") is not None:
+            self.reg.load_state_dict(state["reg"])
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.elapsed = float(state.get("elapsed", 0.0))
+        self.acc_sums = dict(state["acc_sums"])
+        self.last = dict(state.get("last", {}))
+        set_rng_state(state["rng"])
+
+    def save(self) -> Path | None:
+        if not self.checkpointing:
+            return None
+        return save_checkpoint(self.ckpt_path, self.state_dict())
+
+    # ------------------------------------------------------------------- monitor
+    def monitor(self) -> dict[str, float]:
+        val_loss, val_acc = evaluate(self.model, self.data.test, self.device, self.eval_batch_size)
+        out: dict[str, float] = {"val/loss": val_loss, "val/acc": val_acc}
+        if self.monitor_on and self.layers:
+            kw = dict(method=self.monitor_method, holdout=self.monitor_holdout, seed=self.seed)
+            px, py = (t.to(self.device) for t in self.probe)
+            lsm, probe_acc = measure_layers(self.model, px, py, self.layers, **kw)
+            tx, ty = (t.to(self.device) for t in self.test_probe)
+            val_lsm, _ = measure_layers(self.model, tx, ty, self.layers, **kw)
+            out["probe/acc"] = probe_acc
+            out.update({f"lsm/{k}": v for k, v in lsm.items()})
+            out.update({f"val_lsm/{k}": v for k, v in val_lsm.items()})
+            out["lsm/mean"] = float(np.mean(list(lsm.values())))
+            out["val_lsm/mean"] = float(np.mean(list(val_lsm.values())))
+            self.history_lsm_mean = out["lsm/mean"]
+        return out
+
+    def _train_metrics(self) -> dict[str, float]:
+        s = self.acc_sums
+        out: dict[str, float] = {}
+        if s["count"]:
+            out["train/loss"] = s["loss"] / max(1, s["batches"])
+            out["train/acc"] = s["correct"] / s["count"]
+        out["lr"] = float(self.step_optimizer.param_groups[0]["lr"])
+        if self.reg is not None:
+            last = getattr(self.reg, "last", None) or {}
+            out.update({f"lsm_loss/{k}": float(v) for k, v in last.items()})
+        if self.guard is not None:
+            out.update(_guard_stats(self.guard))
+        self.acc_sums = {"loss": 0.0, "correct": 0, "count": 0, "batches": 0}
+        return out
+
+    def _log(self, extra: Mapping[str, float] | None = None) -> dict[str, float]:
+        record: dict[str, Any] = {"epoch": self.epoch}
+        record.update(self._train_metrics())
+        if extra:
+            record.update(extra)
+        record["time/elapsed_s"] = self.elapsed
+        self.last.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
+        self.tracker.log(record, step=self.step)
+        return record
+
+    # --------------------------------------------------------------------- train
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor] | None:
+        self.model.train()
+        opt = self.step_optimizer
+        opt.zero_grad(set_to_none=True)
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        if self.reg is not None:
+            loss = loss + self.reg(y)
+        if not bool(torch.isfinite(loss)):
+            return None
+        loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.grad_clip))
+        opt.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return float(loss.detach()), logits.detach()
+
+    def fit(self) -> TrainResult:
+        if self.tracker is None:
+            self.tracker = Tracker(self.run_dir, resume_step=self.step if self.step else None)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", leave=True,
+                       dynamic_ncols=True)
+        t0 = time.perf_counter() - self.elapsed
+        status, message = "completed", ""
+        signum = None
+        n = len(self.data.train)
+        try:
+            with _StopFlag() as stop:
+                if self.step == 0 and self.monitor_on:
+                    self._log(self.monitor())  # step 0: the untrained network
+                while self.step < self.total_steps and status == "completed":
+                    order = epoch_order(n, self.seed, self.epoch)
+                    while self.batch_in_epoch < self.steps_per_epoch:
+                        if self.step >= self.total_steps:
+                            break
+                        b = self.batch_in_epoch
+                        idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+                        x, y = self.data.train.batch(idx)
+                        x, y = x.to(self.device), y.to(self.device)
+                        out = self._train_step(x, y)
+                        if out is None:
+                            status = "nan"
+                            message = (
+                                f"loss is not finite at step {self.step + 1} (epoch {self.epoch});"
+                                " stopped without updating. "
+                                + (
+                                    f"Last good checkpoint: {self.ckpt_path}"
+                                    if self.ckpt_path.exists()
+                                    else "No checkpoint was written yet."
+                                )
+                                + " Try a smaller optim.lr or lsm.loss.weight."
+                            )
+                            break
+                        loss_val, logits = out
+                        self.step += 1
+                        self.batch_in_epoch += 1
+                        self.elapsed = time.perf_counter() - t0
+                        s = self.acc_sums
+                        s["loss"] += loss_val
+                        s["batches"] += 1
+                        s["correct"] += int((logits.argmax(1) == y).sum())
+                        s["count"] += int(y.shape[0])
+                        end_of_epoch = self.batch_in_epoch >= self.steps_per_epoch
+                        last_step = self.step >= self.total_steps
+                        mon = self.monitor_on and self.monitor_every > 0 and (
+                            self.step % self.monitor_every == 0
+                        )
+                        if end_of_epoch or last_step:
+                            self.epoch += int(end_of_epoch)
+                            self.batch_in_epoch = 0 if end_of_epoch else self.batch_in_epoch
+                            self._log(self.monitor())
+                            self.save()
+                        elif mon:
+                            self._log(self.monitor())
+                        elif self.step % self.log_every == 0:
+                            self._log()
+                        if bar is not None:
+                            bar.update(1)
+                            post = {"loss": f"{loss_val:.3f}",
+                                    "acc": f"{self.last.get('train/acc', float('nan')):.3f}"}
+                            if self.history_lsm_mean is not None:
+                                post["lsm"] = f"{self.history_lsm_mean:.3f}"
+                            bar.set_postfix(post, refresh=False)
+                        if stop.signum is not None:
+                            break
+                        if end_of_epoch:
+                            break
+                    if stop.signum is not None and status == "completed":
+                        status = "interrupted"
+                        signum = stop.signum
+                        name = signal.Signals(stop.signum).name
+                        self.save()
+                        message = (
+                            f"{name} received at step {self.step}: checkpoint written to "
+                            f"{self.ckpt_path}; continue with resume=true "
+                            f"hydra.run.dir={self.run_dir}"
+                        )
+        finally:
+            if bar is not None:
+                bar.close()
+            if self._own_tracker and self.tracker is not None:
+                self.tracker.close()
+        return TrainResult(
+            status=status,
+            step=self.step,
+            epoch=self.epoch,
+            checkpoint=self.ckpt_path if self.ckpt_path.exists() else None,
+            final=dict(self.last),
+            message=message,
+            signum=signum,
+        )
+
+
+def _guard_stats(guard: Any) -> dict[str, float]:
+    stats = getattr(guard, "stats", None)
+    if callable(stats):
+        stats = stats()
+    out: dict[str, float] = {}
+    if isinstance(stats, Mapping):
+        for k, v in stats.items():
+            if isinstance(v, (int, float, bool)) or (torch.is_tensor(v) and v.numel() == 1):
+                out[f"guard/{k}"] = float(v)
+        checks = out.get("guard/checks")
+        if checks:
+            out["guard/accept_rate"] = out.get("guard/accepted", 0.0) / checks
+    return out
