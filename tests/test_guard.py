@@ -1,0 +1,627 @@
+"""SeparabilityGuard: decisions, bitwise restore, caching, probe hygiene, persistence."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lsm_train.guard import GuardDecision, SeparabilityGuard
+
+OPTIMIZERS = {
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-4),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+}
+
+
+class Net(nn.Module):
+    """BatchNorm, Dropout, in-place ReLU and a residual add."""
+
+    hidden_layers = ["act", "res"]
+
+    def __init__(self, bn: bool = True, d_in: int = 5, width: int = 12, k: int = 3) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, width)
+        self.bn = nn.BatchNorm1d(width) if bn else nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(0.3)
+        self.res = nn.Linear(width, width)
+        self.out = nn.Linear(width, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(self.act(self.bn(self.fc1(x))))
+        h = h + self.res(h)
+        h += 0.5 * h  # in-place residual-style update after the captured layer
+        return self.out(h)
+
+
+class Scripted:
+    """A measure returning scripted values (one per layer call); picklable."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = list(values)
+        self.calls = 0
+
+    def __call__(self, H: torch.Tensor, y: torch.Tensor) -> float:
+        self.calls += 1
+        return self.values.pop(0) if self.values else 0.5
+
+
+def make_data(n: int = 48, d_in: int = 5, k: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % k
+    x = torch.randn(n, d_in, generator=g) + y[:, None].float()
+    return x, y
+
+
+def probe_fn():  # module-level: picklable callable probe
+    return make_data(30, seed=7)
+
+
+def backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return loss
+
+
+def count_probe_forwards(model: nn.Module) -> list[int]:
+    counter = [0]
+
+    def hook(module, inputs, output):
+        if not torch.is_grad_enabled():
+            counter[0] += 1
+
+    model.register_forward_hook(hook)
+    return counter
+
+
+def snapshot(model: nn.Module, opt: torch.optim.Optimizer):
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {
+        id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+        for p, s in opt.state.items()
+    }
+    return params, state
+
+
+def assert_same(model: nn.Module, opt: torch.optim.Optimizer, snap) -> None:
+    params, state = snap
+    for p, q in zip(model.parameters(), params, strict=True):
+        assert torch.equal(p, q)
+    assert set(id(p) for p in opt.state) == set(state)
+    for p, s in opt.state.items():
+        assert set(s) == set(state[id(p)])
+        for k, v in s.items():
+            ref = state[id(p)][k]
+            assert torch.equal(v, ref) if torch.is_tensor(v) else v == ref
+
+
+def build(opt_name="adam", bn=True, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = Net(bn=bn)
+    inner = OPTIMIZERS[opt_name](model.parameters())
+    guard = SeparabilityGuard(inner, model, make_data(30, seed=1), **kw)
+    return model, inner, guard
+
+
+# ------------------------------------------------------------------ wrapper basics ------
+def test_is_an_optimizer_sharing_the_inner_objects():
+    model, inner, guard = build("sgd_momentum")
+    assert isinstance(guard, torch.optim.Optimizer)
+    assert guard.param_groups is inner.param_groups
+    assert guard.state is inner.state
+    assert guard.defaults is inner.defaults
+    assert guard.layer_names == ["act", "res"]
+
+
+def test_validation_errors():
+    model = Net()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = make_data()
+    with pytest.raises(ValueError, match="probe"):
+        SeparabilityGuard(inner, model, x)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        SeparabilityGuard(inner, model, (x, torch.zeros(len(x), dtype=torch.long)))
+    with pytest.raises(ValueError, match="measure"):
+        SeparabilityGuard(inner, model, (x, y), measure="nope")
+    with pytest.raises(ValueError, match="check_every"):
+        SeparabilityGuard(inner, model, (x, y), check_every=0)
+    with pytest.raises(ValueError, match="backoff"):
+        SeparabilityGuard(inner, model, (x, y), backoff=1.5)
+    with pytest.raises(ValueError, match="tolerance"):
+        SeparabilityGuard(inner, model, (x, y), tolerance=-1)
+    with pytest.raises(ValueError, match="optimizer"):
+        SeparabilityGuard(model, model, (x, y))
+
+
+def test_zero_grad_delegates():
+    model, inner, guard = build()
+    x, y = make_data()
+    backward(model, x, y)
+    guard.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    guard.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ------------------------------------------------------------------ decisions -----------
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_accept_equals_plain_step_and_reject_restores_bitwise(opt_name):
+    model, inner, guard = build(opt_name, layers=["act"], measure=Scripted([0.5, 0.6, 0.1]))
+    ref_model = copy.deepcopy(model)
+    ref_opt = OPTIMIZERS[opt_name](ref_model.parameters())
+    x, y = make_data()
+
+    torch.manual_seed(3)
+    backward(model, x, y)
+    torch.manual_seed(3)
+    backward(ref_model, x, y)
+    grads = [p.grad.clone() for p in model.parameters()]
+    guard.step()  # before 0.5, after 0.6: accepted
+    ref_opt.step()
+    assert guard.last_decision == GuardDecision(True, 0.5, 0.6, 0, False, True)
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for p, g in zip(model.parameters(), grads, strict=True):
+        assert torch.equal(p.grad, g)  # .grad untouched
+
+    snap = snapshot(model, inner)
+    guard.step()  # before reused (0.6), after 0.1: rejected
+    assert guard.last_decision == GuardDecision(False, 0.6, 0.1, 0, False, True)
+    assert_same(model, inner, snap)
+    assert guard.stats == dict(steps=2, checks=2, accepted=1, rejected=1, retries=0, forced=0)
+
+
+@pytest.mark.parametrize("opt_name", ["adam", "adamw", "sgd_momentum"])
+def test_rejected_first_step_deletes_lazily_created_state(opt_name):
+    model, inner, guard = build(opt_name, layers=["act"], measure=Scripted([0.5, 0.4]))
+    params = [p.detach().clone() for p in model.parameters()]
+    backward(model, *make_data())
+    guard.step()
+    assert not guard.last_decision.accepted
+    assert len(inner.state) == 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+    # the next (accepted) step builds state exactly like a fresh optimizer
+    guard.measure = Scripted([0.9])
+    ref = copy.deepcopy(model)
+    ref_opt = OPTIMIZERS[opt_name](ref.parameters())
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        q.grad = p.grad.clone()
+    guard.step()
+    ref_opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters(), strict=True))
+
+
+def test_tolerance():
+    model, inner, guard = build(layers=["act"], measure=Scripted([0.5, 0.45]), tolerance=0.1)
+    backward(model, *make_data())
+    guard.step()
+    assert guard.last_decision.accepted
+
+
+def test_nan_score_is_a_rejection_and_grad_is_never_modified():
+    model, inner, guard = build("sgd_momentum")
+    params = [p.detach().clone() for p in model.parameters()]
+    backward(model, *make_data())
+    model.fc1.weight.grad[0, 0] = float("inf")  # the step makes weights non-finite
+    grads = [p.grad.clone() for p in model.parameters()]
+    guard.step()
+    d = guard.last_decision
+    assert not d.accepted and d.after != d.after  # NaN
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+    assert len(inner.state) == 0 or all(
+        torch.isfinite(v).all() for s in inner.state.values() for v in s.values()
+        if torch.is_tensor(v)
+    )
+
+
+def test_measure_callable_returning_nan_rejects():
+    model, inner, guard = build(layers=["act"], measure=Scripted([0.5, float("nan")]))
+    backward(model, *make_data())
+    guard.step()
+    assert not guard.last_decision.accepted
+
+
+# ------------------------------------------------------------------ retries -------------
+def test_retries_scale_lr_then_restore_exact_lr():
+    lr = 0.1 / 3  # not exactly representable: restored bitwise, not recomputed
+    torch.manual_seed(0)
+    model = Net()
+    inner = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    guard = SeparabilityGuard(
+        inner, model, make_data(30, seed=1), layers=["act"],
+        measure=Scripted([0.5, 0.1, 0.2, 0.7]), max_retries=3, backoff=0.5,
+    )
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=lr * 0.5**2, momentum=0.9)
+    x, y = make_data()
+    torch.manual_seed(5)
+    backward(model, x, y)
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        q.grad = p.grad.clone()
+    lr_obj = inner.param_groups[0]["lr"]
+    guard.step()
+    ref_opt.step()
+    d = guard.last_decision
+    assert d.accepted and d.retries == 2 and d.after == 0.7 and not d.forced
+    assert inner.param_groups[0]["lr"] is lr_obj and inner.param_groups[0]["lr"] == lr
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, q)  # accepted attempt == a plain step at lr * backoff**2
+    for p, q in zip(inner.state.values(), ref_opt.state.values(), strict=True):
+        assert torch.equal(p["momentum_buffer"], q["momentum_buffer"])
+    assert guard.stats["retries"] == 2
+
+
+def test_all_retries_rejected_restores_everything():
+    model, inner, guard = build(
+        "adam", layers=["act"], measure=Scripted([0.5, 0.6, 0.3, 0.3, 0.3]), max_retries=2
+    )
+    x, y = make_data()
+    backward(model, x, y)
+    guard.step()
+    snap = snapshot(model, inner)
+    lr_obj = inner.param_groups[0]["lr"]
+    guard.step()
+    assert guard.last_decision == GuardDecision(False, 0.6, 0.3, 2, False, True)
+    assert_same(model, inner, snap)
+    assert inner.param_groups[0]["lr"] is lr_obj
+
+
+def test_max_consecutive_rejects_forces_a_step():
+    model, inner, guard = build(
+        "sgd_momentum", layers=["act"], measure=Scripted([0.5] + [0.1] * 10),
+        max_consecutive_rejects=2,
+    )
+    backward(model, *make_data())
+    decisions = []
+    for _ in range(4):
+        guard.step()
+        decisions.append((guard.last_decision.accepted, guard.last_decision.forced))
+    # the cached before (0.5) stays after rejections; the 3rd failing step is forced,
+    # whose after (0.1) becomes the new reference
+    assert decisions[:3] == [(False, False), (False, False), (True, True)]
+    assert guard.stats["forced"] == 1 and guard.stats["rejected"] == 2
+
+
+def test_max_consecutive_rejects_none_never_forces():
+    model, inner, guard = build(
+        layers=["act"], measure=Scripted([0.5] + [0.1] * 20), max_consecutive_rejects=None
+    )
+    backward(model, *make_data())
+    for _ in range(15):
+        guard.step()
+    assert guard.stats["rejected"] == 15 and guard.stats["forced"] == 0
+
+
+# ------------------------------------------------------------------ cached score --------
+def test_one_probe_forward_per_checked_step_in_steady_state():
+    model, inner, guard = build("adam", bn=False, tolerance=1.0)
+    forwards = count_probe_forwards(model)
+    x, y = make_data()
+    for _ in range(5):
+        guard.zero_grad()
+        backward(model, x, y)
+        guard.step()
+    assert forwards[0] == 2 + 4  # before + after on the first check, then one per check
+    assert guard.stats["accepted"] == 5
+
+
+def test_cache_after_rejection_and_check_every():
+    model, inner, guard = build(
+        "adam", bn=False, layers=["act"], measure=Scripted([0.5, 0.4, 0.45])
+    )
+    forwards = count_probe_forwards(model)
+    backward(model, *make_data())
+    guard.step()
+    guard.step()  # rejected twice; the restored weights keep the cached 0.5
+    assert forwards[0] == 3
+    assert guard.last_decision.before == 0.5
+
+    model, inner, guard = build("adam", bn=False, tolerance=1.0, check_every=3)
+    forwards = count_probe_forwards(model)
+    backward(model, *make_data())
+    for _ in range(7):  # checks at steps 0, 3, 6; unchecked steps invalidate the cache
+        guard.step()
+    assert forwards[0] == 6
+    assert guard.stats["checks"] == 3 and guard.stats["steps"] == 7
+    assert guard.last_decision.checked
+
+
+def test_external_weight_edit_invalidates_cache():
+    model, inner, guard = build("adam", bn=False, tolerance=1.0)
+    forwards = count_probe_forwards(model)
+    backward(model, *make_data())
+    guard.step()
+    with torch.no_grad():
+        model.fc1.weight.mul_(2)
+    guard.step()
+    assert forwards[0] == 4
+
+
+def test_batchnorm_buffers_in_cache_key():
+    x, y = make_data()
+    for track, expected in [(True, 6), (False, 4)]:
+        model, inner, guard = build("adam", bn=True, tolerance=1.0, track_buffers=track)
+        forwards = count_probe_forwards(model)
+        for _ in range(3):
+            guard.zero_grad()
+            backward(model, x, y)  # updates the running statistics
+            guard.step()
+        assert forwards[0] == expected
+
+
+def test_probe_callable_and_refresh():
+    calls = [0]
+
+    def probe():
+        calls[0] += 1
+        return make_data(30, seed=calls[0])
+
+    torch.manual_seed(0)
+    model = Net(bn=False)
+    guard = SeparabilityGuard(torch.optim.SGD(model.parameters(), lr=0.01), model, probe,
+                              tolerance=1.0)
+    assert calls[0] == 0  # read lazily
+    forwards = count_probe_forwards(model)
+    backward(model, *make_data())
+    guard.step()
+    guard.step()
+    assert calls[0] == 1 and forwards[0] == 3
+    s1 = guard.score()
+    guard.refresh_probe()
+    assert calls[0] == 2
+    guard.step()
+    assert forwards[0] == 4 + 2  # score() + a fresh before
+    assert guard.score() != s1  # a different probe
+
+    x2, y2 = make_data(20, seed=9)
+    guard.refresh_probe((x2, y2))
+    assert guard._probe_data()[0] is x2
+
+
+def test_tensor_probe_modified_in_place_invalidates():
+    model, inner, guard = build("adam", bn=False, tolerance=1.0)
+    forwards = count_probe_forwards(model)
+    backward(model, *make_data())
+    guard.step()
+    guard._probe_data()[0].mul_(1.5)
+    guard.step()
+    assert forwards[0] == 4
+
+
+# ------------------------------------------------------------------ probe hygiene -------
+def test_probe_keeps_bn_stats_and_training_flags_and_turns_dropout_off():
+    torch.manual_seed(0)
+    model = Net()
+    model.train()
+    model.drop.eval()  # deliberately in eval
+    guard = SeparabilityGuard(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                              make_data(30, seed=1))
+    flags = {n: m.training for n, m in model.named_modules()}
+    bufs = {n: b.clone() for n, b in model.named_buffers()}
+    s1, s2 = guard.score(), guard.score()
+    model.drop.train()
+    s3 = guard.score()
+    model.drop.eval()
+    assert s1 == s2 == s3  # dropout off and eval-mode BatchNorm: deterministic
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    for n, b in model.named_buffers():
+        assert torch.equal(b, bufs[n])
+    assert int(model.bn.num_batches_tracked) == 0
+    assert torch.is_grad_enabled()
+    assert set(guard.last_layer_scores) == {"act", "res"}
+
+
+# ------------------------------------------------------------------ closure / amp -------
+def test_closure_returns_loss_like_torch():
+    model, inner, guard = build("sgd_momentum", tolerance=1.0)
+    ref = copy.deepcopy(model)
+    ref_opt = OPTIMIZERS["sgd_momentum"](ref.parameters())
+    x, y = make_data()
+
+    def closure_for(m, o):
+        def closure():
+            o.zero_grad()
+            return backward(m, x, y)
+        return closure
+
+    torch.manual_seed(1)
+    loss = guard.step(closure_for(model, guard))
+    torch.manual_seed(1)
+    ref_loss = ref_opt.step(closure_for(ref, ref_opt))
+    assert torch.equal(loss, ref_loss)
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert guard.step() is None
+
+
+def test_grad_scaler_steps_and_skips_inf():
+    model, inner, guard = build("adam", tolerance=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    x, y = make_data()
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    scaler.step(guard)
+    scaler.update()
+    assert guard.stats["steps"] == 1 and guard.stats["checks"] == 1
+
+    guard.zero_grad()
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    model.fc1.weight.grad[0, 0] = float("inf")
+    params = [p.detach().clone() for p in model.parameters()]
+    scaler.step(guard)  # skipped by the scaler: no step, no check
+    scaler.update()
+    assert guard.stats["steps"] == 1
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+
+
+# ------------------------------------------------------------------ schedulers ----------
+def test_lr_scheduler_without_warnings():
+    model, inner, guard = build(
+        "sgd_momentum", layers=["act"], measure=Scripted([0.5, 0.1, 0.1, 0.9] * 20),
+        max_retries=1,
+    )
+    x, y = make_data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched = torch.optim.lr_scheduler.StepLR(guard, step_size=2, gamma=0.5)
+        lrs = []
+        for _ in range(6):
+            guard.zero_grad()
+            backward(model, x, y)
+            guard.step()
+            sched.step()
+            lrs.append(inner.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.05, 0.025, 0.025, 0.0125, 0.0125, 0.00625])
+    assert lrs[1] == 0.05 * 0.5  # retries did not disturb the schedule
+    assert guard.stats["retries"] > 0
+
+
+# ------------------------------------------------------------------ persistence ---------
+def _train(model, guard, steps, seed):
+    for i in range(steps):
+        x, y = make_data(32, seed=seed + i)
+        guard.zero_grad()
+        backward(model, x, y)
+        guard.step()
+
+
+@pytest.mark.parametrize("bn,track", [(True, True), (True, False), (False, True)])
+def test_resume_equals_uninterrupted_bitwise(tmp_path, bn, track):
+    kw = dict(max_retries=1, track_buffers=track)
+    N, k = 8, 3
+
+    model, inner, guard = build("adam", bn=bn, **kw)
+    torch.manual_seed(11)
+    _train(model, guard, N, seed=100)
+    ref_params = [p.detach().clone() for p in model.parameters()]
+    ref_stats = dict(guard.stats)
+
+    model, inner, guard = build("adam", bn=bn, **kw)
+    torch.manual_seed(11)
+    _train(model, guard, k, seed=100)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "opt": guard.state_dict(),
+                "rng": torch.get_rng_state()}, path)
+
+    model, inner, guard = build("adam", bn=bn, seed=99, **kw)  # different init
+    ckpt = torch.load(path)
+    model.load_state_dict(ckpt["model"])
+    guard.load_state_dict(ckpt["opt"])
+    torch.set_rng_state(ckpt["rng"])
+    _train(model, guard, N - k, seed=100 + k)
+    for p, q in zip(model.parameters(), ref_params, strict=True):
+        assert torch.equal(p, q)
+    assert guard.stats == ref_stats
+    assert ref_stats["rejected"] > 0 and ref_stats["accepted"] > 0
+
+
+def test_state_dict_holds_inner_state_and_loads_into_plain_optimizer():
+    model, inner, guard = build("adam")
+    _train(model, guard, 2, seed=0)
+    sd = guard.state_dict()
+    assert set(sd) >= {"state", "param_groups", "guard"}
+    assert sd["guard"]["stats"]["steps"] == 2
+    plain = torch.optim.Adam(model.parameters(), lr=1e-2)
+    plain.load_state_dict({k: v for k, v in sd.items() if k != "guard"})
+    assert torch.equal(plain.state[model.fc1.weight]["exp_avg"],
+                       inner.state[model.fc1.weight]["exp_avg"])
+    # and a plain optimizer's state dict loads into a guard
+    model2, inner2, guard2 = build("adam")
+    guard2.load_state_dict(plain.state_dict())
+    assert guard2.state is inner2.state and len(inner2.state) == len(inner.state)
+
+
+def test_load_with_other_weights_rescores():
+    model, inner, guard = build("adam", bn=False, tolerance=1.0)
+    _train(model, guard, 2, seed=0)
+    sd = guard.state_dict()
+    assert sd["guard"]["cache"] is not None
+    model2, inner2, guard2 = build("adam", bn=False, tolerance=1.0, seed=5)
+    guard2.load_state_dict(sd)  # weights of model2 differ from the saved ones
+    forwards = count_probe_forwards(model2)
+    _train(model2, guard2, 1, seed=0)
+    assert forwards[0] == 2
+    model2.load_state_dict(model.state_dict())
+    guard2.load_state_dict(sd)  # now the weights match the hash: the cache is reused
+    _train(model2, guard2, 1, seed=0)
+    assert forwards[0] == 3
+
+
+def test_deepcopy_steps_its_own_params():
+    model, inner, guard = build("sgd_momentum", tolerance=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(guard, step_size=1, gamma=0.5)  # patches step
+    _train(model, guard, 1, seed=0)
+    sched.step()
+    g2 = copy.deepcopy(guard)
+    model2 = g2.model
+    assert model2 is not model
+    ids = {id(p) for p in model2.parameters()}
+    assert {id(p) for g in g2.param_groups for p in g["params"]} == ids
+    assert g2.param_groups is g2.optimizer.param_groups and g2.state is g2.optimizer.state
+    assert set(map(id, g2.state)) == ids
+    before = [p.detach().clone() for p in model.parameters()]
+    _train(model2, g2, 2, seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert not all(torch.equal(p, q) for p, q in zip(model2.parameters(), before, strict=True))
+    assert g2.stats["steps"] == 3 and guard.stats["steps"] == 1
+
+
+def test_pickle_roundtrip_with_callable_probe():
+    torch.manual_seed(0)
+    model = Net()
+    guard = SeparabilityGuard(torch.optim.AdamW(model.parameters(), lr=1e-2), model, probe_fn,
+                              tolerance=1.0)
+    _train(model, guard, 2, seed=0)
+    g2 = pickle.loads(pickle.dumps(guard))
+    assert g2.stats == guard.stats
+    for p, q in zip(g2.model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    st, st2 = guard.state_dict(), g2.state_dict()
+    assert torch.equal(st["state"][0]["exp_avg"], st2["state"][0]["exp_avg"])
+    torch.manual_seed(4)
+    _train(g2.model, g2, 1, seed=5)
+    torch.manual_seed(4)
+    _train(model, guard, 1, seed=5)
+    for p, q in zip(g2.model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+# ------------------------------------------------------------------ snapshot memory -----
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_snapshot_buffers_allocated_once(device):
+    model, inner, guard = build("adam", tolerance=1.0, snapshot_device=device)
+    _train(model, guard, 2, seed=0)
+    ptrs = {k: b.data_ptr() for k, b in guard._buffers.items()}
+    _train(model, guard, 3, seed=2)
+    assert {k: b.data_ptr() for k, b in guard._buffers.items()} == ptrs
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    state_bytes = sum(
+        v.numel() * v.element_size() for s in inner.state.values() for v in s.values()
+        if torch.is_tensor(v)
+    )
+    assert guard.snapshot_bytes == param_bytes + state_bytes
+
+
+def test_stats_and_last_decision_fields():
+    model, inner, guard = build(check_every=2, tolerance=1.0)
+    assert guard.last_decision is None
+    _train(model, guard, 2, seed=0)
+    assert guard.last_decision == GuardDecision(True, None, None, 0, False, False)
+    assert set(guard.stats) == {"steps", "checks", "accepted", "rejected", "retries", "forced"}
+    assert guard.stats["checks"] == guard.stats["accepted"] + guard.stats["rejected"] == 1
+
+
+def test_degree_measure():
+    pytest.importorskip("lsm_train.measures.layer")
+    pytest.importorskip("lsm_train.measures.degree")
+    model, inner, guard = build("adam", measure="degree", layers=["act"], tolerance=1.0)
+    _train(model, guard, 2, seed=0)
+    d = guard.last_decision
+    assert 0.5 <= d.before <= 1.0 and 0.5 <= d.after <= 1.0
