@@ -52,7 +52,24 @@ __all__ = [
 
 LSM_MODES = ("off", "monitor", "loss", "guard", "both")
 CHECKPOINT_NAME = "checkpoint.pt"
-_DATA_KEYS = ("batch_size", "eval_batch_size", "name")
+_DATA_KEYS = ("batch_size", "eval_batch_size", "name", "augment")
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random horizontal flip and random ``pad``-pixel translation (zero-padded crop) of a
+    batch of images ``(B, C, H, W)``, drawn from ``gen`` (the usual CIFAR augmentation)."""
+    if x.ndim != 4:
+        return x
+    b, c, h, w = x.shape
+    flip = torch.rand(b, generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, b), generator=gen)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    bi = torch.arange(b)[:, None, None, None]
+    ci = torch.arange(c)[None, :, None, None]
+    return xp[bi, ci, rows, cols]
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -256,6 +273,7 @@ class Trainer:
         # data ------------------------------------------------------------------
         dcfg = dict(_plain(_get(cfg, "data", {})) or {})
         self.batch_size = int(dcfg.get("batch_size") or 64)
+        self.augment = bool(dcfg.get("augment") or False)
         self.eval_batch_size = int(dcfg.get("eval_batch_size") or 512)
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size: expected a positive integer, got {self.batch_size}")
@@ -300,7 +318,8 @@ class Trainer:
             self.layers = resolve_layers(self.model, spec)
         mon = _get(lcfg, "monitor", {})
         self.monitor_method = _get(mon, "method", "degree")
-        self.monitor_holdout = _get(mon, "holdout", 0.5)
+        # cross-fitting is defined for the degree only
+        self.monitor_holdout = _get(mon, "holdout", 0.5) if self.monitor_method == "degree" else None
         probe_n = int(_get(mon, "probe_size", 512))
         test_n = int(_get(mon, "test_size", 512))
         self.probe = self.data.train.batch(torch.arange(min(probe_n, n)))
@@ -334,6 +353,9 @@ class Trainer:
         self.acc_sums = {"loss": 0.0, "correct": 0, "count": 0, "batches": 0}
         self.last: dict[str, float] = {}
         self.history_lsm_mean: float | None = None
+        self.pretrain_log: dict[str, float] = {}
+        if resume_from is None:
+            self._pretrain(_get(tcfg, "pretrain", None))
         if resume_from is not None:
             self._restore(load_checkpoint(resume_from, map_location=self.device))
 
@@ -381,6 +403,23 @@ class Trainer:
             layers=self.layers,
             **cfg,
         )
+
+    def _pretrain(self, pcfg: Any) -> None:
+        """Greedy pretraining (``model.pretrain``, e.g. the DBN's CD-k) when configured."""
+        pcfg = dict(_plain(pcfg) or {})
+        if not pcfg or not int(pcfg.get("epochs", 0)):
+            return
+        target = getattr(self.model, "pretrain", None)
+        if not callable(target):
+            raise ValueError(
+                f"trainer.pretrain: model {type(self.model).__name__} has no pretrain method; "
+                "set trainer.pretrain=null"
+            )
+        x = self.data.train.prepare(self.data.train.x).to(self.device)
+        history = target(x, seed=self.seed, **pcfg)
+        for i, errs in enumerate(history or []):
+            if errs:
+                self.pretrain_log[f"pretrain/recon_error_{i}"] = float(errs[-1])
 
     # --------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -501,7 +540,8 @@ class Trainer:
         try:
             with _StopFlag() as stop:
                 if self.step == 0 and self.monitor_on:
-                    self._log(self.monitor())  # step 0: the untrained network
+                    # step 0: the untrained (or only pretrained) network
+                    self._log({**self.pretrain_log, **self.monitor()})
                 while self.step < self.total_steps and status == "completed":
                     order = epoch_order(n, self.seed, self.epoch)
                     while self.batch_in_epoch < self.steps_per_epoch:
@@ -510,6 +550,11 @@ class Trainer:
                         b = self.batch_in_epoch
                         idx = order[b * self.batch_size : (b + 1) * self.batch_size]
                         x, y = self.data.train.batch(idx)
+                        if self.augment:
+                            g = torch.Generator().manual_seed(
+                                (self.seed * 1_000_003 + self.epoch) * 100_003 + b
+                            )
+                            x = augment_batch(x, g)
                         x, y = x.to(self.device), y.to(self.device)
                         out = self._train_step(x, y)
                         if out is None:
