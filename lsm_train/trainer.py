@@ -319,7 +319,8 @@ class Trainer:
         mon = _get(lcfg, "monitor", {})
         self.monitor_method = _get(mon, "method", "degree")
         # cross-fitting is defined for the degree only
-        self.monitor_holdout = _get(mon, "holdout", 0.5) if self.monitor_method == "degree" else None
+        holdout = _get(mon, "holdout", 0.5)
+        self.monitor_holdout = holdout if self.monitor_method == "degree" else None
         probe_n = int(_get(mon, "probe_size", 512))
         test_n = int(_get(mon, "test_size", 512))
         self.probe = self.data.train.batch(torch.arange(min(probe_n, n)))

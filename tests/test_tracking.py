@@ -35,7 +35,8 @@ def test_resume_drops_records_after_the_checkpoint_step(tmp_path):
             tr.log({"x": s}, step=s)
     with Tracker(tmp_path, resume_step=3) as tr:
         tr.log({"x": 40}, step=4)
-    assert [(r["step"], r["x"]) for r in read_metrics(tmp_path)] == [(1, 1), (2, 2), (3, 3), (4, 40)]
+    got = [(r["step"], r["x"]) for r in read_metrics(tmp_path)]
+    assert got == [(1, 1), (2, 2), (3, 3), (4, 40)]
     with Tracker(tmp_path):  # a new run (no resume) starts a fresh file
         pass
     assert read_metrics(tmp_path) == []
