@@ -1,0 +1,197 @@
+"""External models: ``create_model("torchvision:<name>")`` and ``create_model("timm:<name>")``.
+
+The model is built untrained (``pretrained=True`` asks for the library's default weights)
+with ``num_classes`` outputs; for torchvision a first convolution with 3 input channels is
+replaced when ``in_channels`` differs (timm handles ``in_chans`` itself). A dry forward
+pass at ``image_size`` checks that the architecture accepts that size (fixed-stride
+ImageNet models can be too deep for 8x8 inputs) and raises a ValueError if not.
+
+Hidden layers are chosen by pattern: ``hidden_layers=[...]`` glob patterns are matched
+against ``model.named_modules()`` names segment by segment (``*`` stays within one dotted
+segment, ``**`` spans any number of them), in module order. Without it, timm models use
+their ``feature_info`` and torchvision models a default per known family
+(``DEFAULT_PATTERNS``); other models need ``hidden_layers=``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+__all__ = ["DEFAULT_PATTERNS", "match_modules", "default_hidden_layers", "adapt_model",
+           "create_external", "EXTRA"]
+
+EXTRA = "pip install lsm_train[vision]"
+
+# torchvision family prefix -> patterns (module outputs after the block nonlinearity).
+DEFAULT_PATTERNS: dict[str, list[str]] = {
+    "resnet": ["layer*.*"],
+    "resnext": ["layer*.*"],
+    "wide_resnet": ["layer*.*"],
+    "vgg": ["features.*:ReLU", "classifier.*:ReLU"],
+    "alexnet": ["features.*:ReLU", "classifier.*:ReLU"],
+    "googlenet": ["inception*"],
+    "inception": ["Mixed_*"],
+    "vit": ["encoder.layers.*"],
+    "swin": ["features.*"],
+    "convnext": ["features.*"],
+    "densenet": ["features.denseblock*", "features.transition*"],
+    "mobilenet": ["features.*"],
+    "efficientnet": ["features.*"],
+    "regnet": ["trunk_output.*"],
+}
+
+
+def _segment_match(parts: list[str], pats: list[str]) -> bool:
+    if not pats:
+        return not parts
+    if pats[0] == "**":
+        return any(_segment_match(parts[i:], pats[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pats[0]) and _segment_match(
+        parts[1:], pats[1:]
+    )
+
+
+def match_modules(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Names of ``model``'s modules matching any pattern, in ``named_modules()`` order.
+
+    A pattern is a dotted glob (``layer*.*``, ``blocks.**``), optionally followed by
+    ``:TypeName`` to keep only modules of that class (``features.*:ReLU``). A pattern that
+    matches nothing raises a ValueError.
+    """
+    if isinstance(patterns, str) or not isinstance(patterns, Sequence) or not patterns:
+        raise ValueError(f"hidden_layers: expected a non-empty list of glob patterns, "
+                         f"got {patterns!r}")
+    named = [(n, m) for n, m in model.named_modules() if n]
+    hits: set[str] = set()
+    for pat in patterns:
+        if not isinstance(pat, str) or not pat:
+            raise ValueError(f"hidden_layers: expected glob pattern strings, got {pat!r}")
+        glob, _, type_name = pat.partition(":")
+        found = [
+            n for n, m in named
+            if _segment_match(n.split("."), glob.split("."))
+            and (not type_name or type(m).__name__ == type_name)
+        ]
+        if not found:
+            top = [n for n, _ in model.named_children()]
+            raise ValueError(
+                f"hidden_layers pattern {pat!r} matches no module; top-level modules: {top}"
+            )
+        hits.update(found)
+    return [n for n, _ in named if n in hits]
+
+
+def default_hidden_layers(source: str, name: str, model: nn.Module) -> list[str]:
+    """Default hidden layers of an external model (see the module docstring)."""
+    info = getattr(model, "feature_info", None)
+    if source == "timm" and info is not None:
+        try:
+            names = [f["module"] for f in info]
+        except (TypeError, KeyError):
+            names = []
+        modules = dict(model.named_modules())
+        names = [n for n in names if n in modules]
+        if names:
+            return names
+    for prefix in sorted(DEFAULT_PATTERNS, key=len, reverse=True):
+        if name.startswith(prefix):
+            return match_modules(model, DEFAULT_PATTERNS[prefix])
+    raise ValueError(
+        f"no default hidden layers for {source}:{name}; pass hidden_layers=[glob patterns] "
+        f"(top-level modules: {[n for n, _ in model.named_children()]})"
+    )
+
+
+def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d):
+            if mod.in_channels == in_channels:
+                return
+            new = nn.Conv2d(in_channels, mod.out_channels, mod.kernel_size, mod.stride,
+                            mod.padding, mod.dilation, mod.groups, mod.bias is not None,
+                            mod.padding_mode)
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            setattr(parent, name.rpartition(".")[2], new)
+            return
+    raise ValueError(f"in_channels={in_channels}: the model has no Conv2d to adapt")
+
+
+def adapt_model(
+    model: nn.Module, *, what: str, in_channels: int, image_size: tuple[int, int],
+    hidden_layers: list[str], replace_first_conv: bool = True,
+) -> nn.Module:
+    """Adapt the input channels, check a dry forward at ``image_size``, set ``hidden_layers``."""
+    if replace_first_conv:
+        _replace_first_conv(model, in_channels)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            p = next(model.parameters(), None)
+            x = torch.zeros(1, in_channels, *image_size,
+                            device=p.device if p is not None else None)
+            model(x)
+    except Exception as err:  # noqa: BLE001 - report any architecture/size mismatch
+        raise ValueError(
+            f"{what} does not accept inputs of shape ({in_channels}, {image_size[0]}, "
+            f"{image_size[1]}): {type(err).__name__}: {err}"
+        ) from err
+    finally:
+        model.train(was_training)
+    model.hidden_layers = list(hidden_layers)
+    return model
+
+
+def _import(module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(
+            f"{module} is not installed; external models '{module}:<name>' need it: {EXTRA}"
+            + (" (or pip install timm)" if module == "timm" else "")
+        ) from err
+
+
+def create_external(
+    source: str, name: str, *, num_classes: int, in_channels: int,
+    image_size: tuple[int, int], hidden_layers: Sequence[str] | None = None,
+    pretrained: bool = False, **kwargs: Any,
+) -> nn.Module:
+    """Build ``source:name`` (``source`` is ``"torchvision"`` or ``"timm"``)."""
+    what = f"{source}:{name}"
+    if source == "torchvision":
+        models = _import("torchvision").models
+        available = models.list_models()
+        if name not in available:
+            raise ValueError(f"unknown torchvision model {name!r}; available: "
+                             f"{', '.join(available)}")
+        if pretrained:
+            kwargs["weights"] = "DEFAULT"
+        try:
+            model = models.get_model(name, num_classes=num_classes, **kwargs)
+        except TypeError as err:
+            raise ValueError(f"invalid option for {what}: {err}") from err
+        replace = True
+    elif source == "timm":
+        timm = _import("timm")
+        if not timm.list_models(name):
+            raise ValueError(f"unknown timm model {name!r}; see timm.list_models()")
+        kw = dict(num_classes=num_classes, in_chans=in_channels, pretrained=pretrained, **kwargs)
+        try:
+            model = timm.create_model(name, img_size=image_size, **kw)
+        except TypeError:  # architectures without an img_size argument
+            model = timm.create_model(name, **kw)
+        replace = False
+    else:
+        raise ValueError(f"unknown model source {source!r}; expected 'torchvision' or 'timm'")
+    names = (match_modules(model, hidden_layers) if hidden_layers is not None
+             else default_hidden_layers(source, name, model))
+    return adapt_model(model, what=what, in_channels=in_channels, image_size=image_size,
+                       hidden_layers=names, replace_first_conv=replace)
+
