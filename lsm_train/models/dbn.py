@@ -147,15 +147,16 @@ class DBN(nn.Module):
         return x
 
     def pretrain(
-        self, data: Any, epochs: int = 5, k: int = 1, lr: float = 0.05,
-        batch_size: int = 64, seed: int | None = None,
+        self, data: Any, epochs: int = 5, k: int = 1, lr: float = 0.1,
+        batch_size: int = 16, seed: int | None = None,
     ) -> list[list[float]]:
         """Greedy layer-wise CD-k pretraining of every RBM, bottom to top.
 
         ``data``: inputs of any shape (flattened per sample) as a tensor/array, or a
         DataLoader yielding ``x`` or ``(x, y, ...)`` (its own batching is used). Layer i is
         trained on the hidden probabilities of layers < i. Returns, per layer, the mean
-        reconstruction error of each epoch (``epochs`` numbers per layer).
+        reconstruction error of each epoch (``epochs`` numbers per layer), measured on each
+        batch before its update. Gaussian visible units want a smaller ``lr`` (about 0.01).
         ``seed`` fixes the shuffling and the Gibbs sampling (CPU generator; on other devices
         the global RNG is used).
         """
