@@ -133,6 +133,24 @@ def test_dual_equals_primal_solve():
     )
 
 
+def test_spd_solve_gradients_and_lu_fallback():
+    g = torch.Generator().manual_seed(6)
+    B = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    R = torch.randn(3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def f(B, R):
+        return sur._spd_solve(B.T @ B + 0.5 * torch.eye(3, dtype=torch.float64), R)
+
+    assert torch.autograd.gradcheck(f, (B, R))
+    assert torch.autograd.gradgradcheck(f, (B, R))
+    # symmetric indefinite (Cholesky fails): LU fallback, still the exact solve and gradient
+    Q = torch.tensor([[1.0, 0.3, 0.0], [0.3, -2.0, 0.1], [0.0, 0.1, 0.7]], dtype=torch.float64)
+    np.testing.assert_allclose(
+        sur._spd_solve(Q, R.detach()).numpy(), np.linalg.solve(Q.numpy(), R.detach().numpy())
+    )
+    assert torch.autograd.gradcheck(lambda R: sur._spd_solve(Q, R), (R,))
+
+
 def test_dual_path_never_forms_d_by_d(monkeypatch):
     sizes = []
     real = sur._spd_solve
@@ -236,6 +254,34 @@ def test_double_backward():
     H, y = _data(7, 3, shift=0.5)
     H.requires_grad_(True)
     assert torch.autograd.gradgradcheck(lambda h: soft_md_lsm(h, y, tau=0.8), (H,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_saturation_cut_exact_flat_and_no_subnormals(dtype):
+    # ±88 (float32) and ±709 (float64) have a subnormal σ'(x) without the cut
+    x = [-709.0, -300.0, -88.0, -40.0, -20.0, -1.0, 0.0, 3.0, 30.0, 75.0, 88.0, 400.0, 709.0]
+    x = torch.tensor(x, dtype=dtype)
+    a = x.clone().requires_grad_(True)
+    b = torch.zeros(1, dtype=dtype, requires_grad=True)
+    total = sur._SoftCount.apply(a[None], b[None])
+    eps = torch.finfo(dtype).eps
+    np.testing.assert_allclose(total.item(), torch.sigmoid(x.double()).sum().item(), atol=10 * eps)
+    total.backward()
+    c = sur._cut(dtype)
+    expected = torch.where(x.abs() < c, torch.sigmoid(x) * torch.sigmoid(-x), 0.0)
+    np.testing.assert_allclose(a.grad.numpy(), expected.numpy(), rtol=1e-5, atol=eps**2)
+    assert b.grad.item() == pytest.approx(-expected.sum().item(), rel=1e-5)
+    tiny = torch.finfo(dtype).tiny
+    assert not ((a.grad != 0) & (a.grad.abs() < tiny)).any()
+    # a batch separated with a wide margin: value 1, finite gradient, no subnormal numbers
+    H, y = _data(40, 8, K=4, shift=60.0, dtype=dtype)
+    H.requires_grad_(True)
+    v = soft_md_lsm(H, y, tau=0.05)
+    v.backward()
+    assert v.item() == 1.0
+    g = H.grad
+    assert torch.isfinite(g).all()
+    assert not ((g != 0) & (g.abs() < tiny)).any()
 
 
 def test_gradcheck_soft_pair_score():
