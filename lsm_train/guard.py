@@ -41,15 +41,19 @@ momentum: 2x params; Adam/AdamW: 3x params plus the step counters), allocated on
 and reused. ``snapshot_device="cpu"`` keeps it in host memory instead (copies cross the
 bus on every checked step).
 
-Cached score. The cache key is the in-place version counters of the parameters (and of the
-buffers when ``track_buffers=True``, the default) plus the probe version. BatchNorm in
-training mode updates its buffers on every forward, so with ``track_buffers=True`` such a
-model is re-scored before each checked step (two probe forwards per check); with
-``track_buffers=False`` the previous "after" score is reused although the running statistics
-moved since (one forward, an approximation). Edits through ``.data`` bypass version
-counters: call :meth:`refresh_probe` after them. The cache survives ``state_dict`` /
-``load_state_dict`` through a hash of the parameters (buffers) and probe, checked at the
-next checked step, so a resumed run takes the same decisions as an uninterrupted one.
+Cached score. The cache key is the in-place version counters of the parameters and of
+the probe tensors, plus a probe version bumped by :meth:`refresh_probe` (and, with
+``track_buffers=True``, the version counters of the model's buffers). By default buffers are
+not in the key: BatchNorm in training mode moves its running statistics on every training
+forward, so the reused "before" score was measured with the statistics of the previous
+check (one probe forward per check; the step is judged against slightly older statistics).
+``track_buffers=True`` makes the comparison exact (before and after with the current
+statistics) at the price of a second probe forward per check on models whose buffers change
+during training. Edits through ``.data`` bypass version counters: call
+:meth:`refresh_probe` after them. The cache survives ``state_dict`` / ``load_state_dict``
+through a content hash of what it depends on (parameters, probe, tracked buffers), checked
+at the next checked step, so a resumed run takes bitwise the same decisions as an
+uninterrupted one; if the loaded weights differ, "before" is re-scored.
 
 Copies. ``copy.deepcopy(guard)`` and pickling copy the model and the inner optimizer with it
 (one consistent set of parameters); a probe given as a callable must then be picklable
@@ -162,7 +166,8 @@ class SeparabilityGuard(torch.optim.Optimizer):
         max_consecutive_rejects: after this many rejected steps in a row the next failing
             step is kept (``forced``); None never forces, 0 forces every failing step.
         snapshot_device: None (same device as each tensor) or e.g. ``"cpu"``.
-        track_buffers: buffers (BatchNorm statistics) are part of the cache key.
+        track_buffers: also key the cached score on the buffers (BatchNorm statistics):
+            exact, but a second probe forward per check for models with BatchNorm.
         process_group: group for the all-reduce of scores under torch.distributed.
     """
 
@@ -181,7 +186,7 @@ class SeparabilityGuard(torch.optim.Optimizer):
         backoff: float = 0.5,
         max_consecutive_rejects: int | None = 10,
         snapshot_device: str | torch.device | None = None,
-        track_buffers: bool = True,
+        track_buffers: bool = False,
         process_group: Any = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
