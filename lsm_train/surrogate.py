@@ -347,6 +347,7 @@ def soft_md_lsm(
     shrinkage: float = 0.1,
     detach_directions: bool = False,
     reduce: str = "auto",
+    crossfit: bool = False,
 ) -> torch.Tensor:
     """Soft MD-LSM of a batch: a 0-dim tensor in (0, 1), differentiable with respect to H.
 
@@ -362,6 +363,14 @@ def soft_md_lsm(
         detach_directions: stop the gradient through the directions ŵ; H still gets the
             gradient through the projections ŵ·h.
         reduce: how to reduce maps (N, C, H, W) / sequences (N, T, D) to (N, d).
+        crossfit: 2-fold cross-fitted value (does not saturate when d >= n, see below).
+
+    In-sample (default), S_τ saturates at 1 whenever the batch is separable, which is always
+    the case when d + 1 >= n (Cover) and nearly so for d ~ n/2, even with random labels: the
+    gradient then vanishes. ``crossfit=True`` alternates the samples of each class between two
+    halves (in batch order), fits ŵ (means, Σ_s) on one half, scores the pairs of the other
+    half, swaps and averages the two values; random labels then give about 1/2. Classes with a
+    single sample are left out; with fewer than two classes of >= 2 samples the value is 1.0.
 
     Returns exactly 1.0 (as ``H.sum() * 0 + 1``, zero gradient) when the batch has fewer than
     two classes. See the module docstring for the math and the cost.
@@ -371,6 +380,8 @@ def soft_md_lsm(
     shrinkage = _check_shrinkage(shrinkage)
     X = _features(H, reduce)
     labels = check_labels(y, X.shape[0], device=X.device)
+    if crossfit:
+        return _soft_md_lsm_crossfit(X, labels, tau, scheme, shrinkage, detach_directions)
     return _soft_md_lsm(X, labels, tau, scheme, shrinkage, detach_directions).mean()
 
 
@@ -393,6 +404,35 @@ def _soft_md_lsm(
     if detach_directions:
         W, r = W.detach(), r.detach()
     return _task_scores(Hc @ W, lay, scheme, C, r / tau)
+
+
+def _soft_md_lsm_crossfit(
+    X: torch.Tensor,
+    labels: torch.Tensor,
+    tau: float,
+    scheme: str,
+    shrinkage: float,
+    detach_directions: bool = False,
+) -> torch.Tensor:
+    """2-fold cross-fitted S_τ (0-dim): fit on one half of each class, score the other."""
+    lay = _Layout(labels)
+    big = [k for k in range(lay.K) if lay.counts[k] >= 2]
+    if len(big) < 2:
+        return X.sum() * 0 + 1.0
+    rank = torch.empty_like(lay.order)  # position of each sample among its class, batch order
+    rank[lay.order] = torch.cat([torch.arange(c, device=X.device) for c in lay.counts])
+    keep = torch.isin(lay.inverse, torch.tensor(big, device=X.device))
+    values = []
+    for fold in (0, 1):
+        fit = keep & (rank % 2 == fold)
+        ev = keep & (rank % 2 != fold)
+        lay_fit, lay_ev = _Layout(labels[fit]), _Layout(labels[ev])  # the same classes
+        _, W, C, r = _directions(X[fit], lay_fit, scheme, shrinkage)
+        if detach_directions:
+            W, r = W.detach(), r.detach()
+        P = (X[ev] - X[fit].mean(0, keepdim=True)) @ W  # only differences matter
+        values.append(_task_scores(P, lay_ev, scheme, C, r / tau).mean())
+    return (values[0] + values[1]) / 2
 
 
 def soft_pair_score(a: Any, b: Any, w: Any, tau: float = 0.5) -> torch.Tensor:

@@ -239,6 +239,73 @@ def test_value_range():
     assert float(soft_md_lsm(Hs, ys, tau=0.1)) > 0.999
 
 
+def _ref_crossfit(H, y, tau=0.5, scheme="pairwise", shrinkage=0.1):
+    H, y = np.asarray(H, dtype=np.float64), np.asarray(y)
+    classes, counts = np.unique(y, return_counts=True)
+    big = classes[counts >= 2]
+    keep = np.isin(y, big)
+    rank = np.zeros(len(y), dtype=int)
+    for c in big:
+        rank[y == c] = np.arange((y == c).sum())
+    vals = []
+    for fold in (0, 1):
+        fit, ev = keep & (rank % 2 == fold), keep & (rank % 2 != fold)
+        dirs = _ref_directions(H[fit], y[fit], scheme, shrinkage)
+        He, ye = H[ev], y[ev]
+        if scheme == "pairwise":
+            sets = [(He[ye == k], He[ye == l]) for i, k in enumerate(big) for l in big[i + 1 :]]
+        else:
+            sets = [(He[ye == k], He[ye != k]) for k in big]
+        vals.append(
+            np.mean(
+                [
+                    _sigmoid(((A @ w)[:, None] - (B @ w)[None, :]) / tau).mean()
+                    for (w, _, _), (A, B) in zip(dirs, sets, strict=True)
+                ]
+            )
+        )
+    return float(np.mean(vals))
+
+
+@pytest.mark.parametrize("scheme", ["pairwise", "ovr"])
+@pytest.mark.parametrize("n,d", [(31, 4), (16, 40)])
+def test_crossfit_matches_reference(scheme, n, d):
+    g = torch.Generator().manual_seed(7)
+    H, y = _data(n, d, seed=8)
+    y = y[torch.randperm(n, generator=g)]
+    y[0] = 9  # a singleton class: left out
+    got = soft_md_lsm(H, y, tau=0.6, scheme=scheme, crossfit=True)
+    ref = _ref_crossfit(H.numpy(), y.numpy(), 0.6, scheme)
+    np.testing.assert_allclose(got.item(), ref, rtol=1e-9)
+    np.testing.assert_allclose(
+        soft_md_lsm(1e3 * H + 5, y, tau=0.6, scheme=scheme, crossfit=True).item(), ref, rtol=1e-8
+    )
+
+
+def test_crossfit_does_not_saturate_on_random_labels():
+    g = torch.Generator().manual_seed(9)
+    H = torch.randn(60, 200, generator=g, dtype=torch.float64)
+    y = torch.arange(60) % 3
+    assert soft_md_lsm(H, y).item() > 0.999  # in-sample: separable since d > n (Cover)
+    assert abs(soft_md_lsm(H, y, crossfit=True).item() - 0.5) < 0.1
+    Hs = H + 3.0 * torch.randn(3, 200, generator=g, dtype=torch.float64)[y]
+    assert soft_md_lsm(Hs, y, crossfit=True).item() > 0.9
+
+
+def test_crossfit_too_few_classes_and_gradients():
+    H = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    v = soft_md_lsm(H, torch.tensor([0, 0, 1, 2, 3]), crossfit=True)  # one class with >= 2
+    v.backward()
+    assert v.item() == 1.0 and torch.equal(H.grad, torch.zeros_like(H))
+    Hg, y = _data(10, 3, shift=0.5)
+    Hg.requires_grad_(True)
+    for detach in (False, True):
+        v = soft_md_lsm(Hg, y, crossfit=True, detach_directions=detach)
+        (g,) = torch.autograd.grad(v, Hg)
+        assert torch.isfinite(g).all() and g.abs().max() > 0
+    assert torch.autograd.gradcheck(lambda h: soft_md_lsm(h, y, 0.8, crossfit=True), (Hg,))
+
+
 # --------------------------------------------------------------------------- gradients
 
 
