@@ -367,3 +367,10 @@ def test_real_torchvision_resnet18():
     assert model.hidden_layers[:2] == ["layer1.0", "layer1.1"] and len(model.hidden_layers) == 8
     y, seen = capture(model, torch.rand(2, 1, 28, 28))
     assert y.shape == (2, 10) and all(len(v) == 1 for v in seen.values())
+
+
+def test_hydra_list_configs_are_accepted():
+    omegaconf = pytest.importorskip("omegaconf")
+    cfg = omegaconf.OmegaConf.create({"image_size": [12, 8], "kwargs": {"channels": [4, 8]}})
+    model = create_model("cnn", in_channels=3, image_size=cfg.image_size, **cfg.kwargs)
+    assert model(torch.rand(2, 3, 12, 8)).shape == (2, 10)

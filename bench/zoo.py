@@ -1,0 +1,108 @@
+"""Parameters and forward+backward time of every model family (default: 3x32x32, batch 128).
+
+    .venv/bin/python bench/zoo.py                     # CPU-sized defaults
+    .venv/bin/python bench/zoo.py --gpu-scale         # also the GPU-scale variants
+    .venv/bin/python bench/zoo.py --device cuda --gpu-scale
+
+One timed step = zero_grad, forward, cross-entropy, backward (no optimizer step), in train
+mode; the table shows the median over ``--repeats`` steps after ``--warmup`` steps. The
+GPU-scale options mirror recipes/zoo/*-cifar10.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lsm_train.models import FAMILIES, create_model
+
+GPU_SCALE: dict[str, tuple[str, dict]] = {
+    "mlp": ("mlp", dict(width=1024, depth=3)),
+    "cnn": ("cnn", dict(channels=[64, 128, 256], fc_width=256)),
+    "dbn": ("dbn", dict(sizes=[1024, 512], visible="gaussian")),
+    "resnet": ("resnet18", {}),
+    "vgg": ("vgg11", {}),
+    "alexnet": ("alexnet", dict(width=64, fc_width=1024, batchnorm=True)),
+    "vit": ("vit", dict(grid=8, dim=256, depth=6, heads=8)),
+    "googlenet": ("googlenet", dict(width=1.0, depth=9)),
+}
+
+
+def time_step(model, x, y, warmup: int, repeats: int) -> float:
+    """Median seconds of one forward+backward step."""
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    times = []
+    for i in range(warmup + repeats):
+        sync()
+        t0 = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch thread(s), load average {load:.1f}, "
+            f"torch {torch.__version__}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpu-scale", action="store_true", help="also time the GPU-scale variants")
+    ap.add_argument("--only-gpu-scale", action="store_true", help="time only those")
+    ap.add_argument("--families", nargs="*", default=list(FAMILIES))
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--channels", type=int, default=3)
+    ap.add_argument("--num-classes", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, args.channels, args.image_size, args.image_size, device=device)
+    y = torch.randint(0, args.num_classes, (args.batch,), device=device)
+
+    rows = []
+    for fam in args.families:
+        configs = [] if args.only_gpu_scale else [("default", fam, {})]
+        if args.gpu_scale or args.only_gpu_scale:
+            configs.append(("gpu-scale", *GPU_SCALE[fam]))
+        for scale, name, kw in configs:
+            model = create_model(name, num_classes=args.num_classes, in_channels=args.channels,
+                                 image_size=args.image_size, **kw).to(device).train()
+            params = sum(p.numel() for p in model.parameters())
+            sec = time_step(model, x, y, args.warmup, args.repeats)
+            opts = ", ".join(f"{k}={v}" for k, v in kw.items()) or "defaults"
+            rows.append((fam, scale, name, opts, params, sec))
+            print(f"  {fam:<9} {scale:<9} {params:>11,d}  {1e3 * sec:9.1f} ms", flush=True)
+            del model
+
+    print(f"\n{args.channels}x{args.image_size}x{args.image_size}, batch {args.batch}, "
+          f"forward+backward, median of {args.repeats} (after {args.warmup} warm-up)")
+    print(f"machine: {machine(device)}\n")
+    print("| family | scale | model (options) | parameters | fwd+bwd ms / batch | images / s |")
+    print("|---|---|---|---:|---:|---:|")
+    for fam, scale, name, opts, params, sec in rows:
+        print(f"| {fam} | {scale} | `{name}` ({opts}) | {params:,d} | {1e3 * sec:,.1f} | "
+              f"{args.batch / sec:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
