@@ -125,6 +125,7 @@ def _scores(
     shrinkage: float,
     detach_directions: bool,
     reduce: str,
+    crossfit: bool = False,
 ) -> dict[str, torch.Tensor]:
     """{layer: S_l} (0-dim tensors attached to the graph)."""
     from lsm_train.surrogate import soft_md_lsm
@@ -136,7 +137,7 @@ def _scores(
         with torch.autocast(device_type=f.device.type, enabled=False):
             out[name] = soft_md_lsm(
                 f, y, tau, scheme=scheme, shrinkage=shrinkage,
-                detach_directions=detach_directions, reduce=reduce,
+                detach_directions=detach_directions, reduce=reduce, crossfit=crossfit,
             )
     return out
 
@@ -163,6 +164,7 @@ def lsm_loss(
     shrinkage: float = 0.1,
     detach_directions: bool = False,
     reduce: str = "auto",
+    crossfit: bool = False,
 ) -> torch.Tensor:
     """``weight · Σ_l α_l (1 − soft_md_lsm(features_l, labels))`` as a 0-dim tensor.
 
@@ -185,7 +187,8 @@ def lsm_loss(
             raise ValueError(f"features[{name!r}]: expected a tensor, got {type(f).__name__}")
     alphas = _layer_weights(layer_weights, list(features))
     y = _labels(labels, features)
-    scores = _scores(features, y, tau, scheme, shrinkage, detach_directions, reduce)
+    scores = _scores(features, y, tau, scheme, shrinkage, detach_directions, reduce,
+                     bool(crossfit))
     return weight * _combine(scores, alphas)
 
 
@@ -200,7 +203,9 @@ class LSMLoss(nn.Module):
         layers: names, glob patterns or module classes; None = ``model.hidden_layers``.
         weight: overall weight >= 0 (the loss is at most ``weight`` with default α).
         layer_weights: None (uniform 1/L), dict {layer name: α} or list in ``names`` order.
-        tau, scheme, shrinkage, detach_directions, reduce: passed to ``soft_md_lsm``.
+        tau, scheme, shrinkage, detach_directions, reduce, crossfit: passed to
+            ``soft_md_lsm``; ``crossfit=True`` (2-fold cross-fitted score) keeps a gradient
+            when a wide layer makes every batch separable (d + 1 >= n).
         warmup_steps: length of the linear ramp of the weight from 0 (int >= 0).
         output_index: which tensor of a tuple/dict layer output (see HiddenCapture).
 
@@ -227,6 +232,7 @@ class LSMLoss(nn.Module):
         detach_directions: bool = False,
         *,
         output_index: int | str = 0,
+        crossfit: bool = False,
     ) -> None:
         super().__init__()
         self.weight = check_positive(weight, "weight", allow_zero=True)
@@ -235,6 +241,7 @@ class LSMLoss(nn.Module):
         self.shrinkage = float(shrinkage)
         self.reduce = reduce
         self.detach_directions = bool(detach_directions)
+        self.crossfit = bool(crossfit)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps: expected an int >= 0, got {warmup_steps!r}")
         self.warmup_steps = warmup_steps
@@ -296,7 +303,8 @@ class LSMLoss(nn.Module):
         feats = {n: feats[n] for n in self.names}
         y = _labels(labels, feats)
         scores = _scores(
-            feats, y, self.tau, self.scheme, self.shrinkage, self.detach_directions, self.reduce
+            feats, y, self.tau, self.scheme, self.shrinkage, self.detach_directions, self.reduce,
+            self.crossfit,
         )
         self.capture.clear()
         self._last = {n: s.detach() for n, s in scores.items()}

@@ -166,6 +166,21 @@ def test_functional_form_dict_and_tensor():
                         rel_tol=1e-5)
 
 
+def test_crossfit_is_passed_through():
+    model = MLP().eval()
+    x, y = data()
+    reg = lt.LSMLoss(model, ["block2"], weight=1.0, crossfit=True)
+    model(x)
+    v = reg(y).item()
+    with torch.no_grad():
+        h = model.block2(model.block1(model.inp(x)))
+    crossfit, in_sample = soft_md_lsm(h, y, crossfit=True).item(), soft_md_lsm(h, y).item()
+    assert abs(crossfit - in_sample) > 1e-3  # the option matters on this batch
+    assert math.isclose(v, 1 - crossfit, rel_tol=1e-5)
+    f = lt.lsm_loss(h, y, weight=1.0, crossfit=True).item()
+    assert math.isclose(f, 1 - crossfit, rel_tol=1e-5)
+
+
 def test_half_precision_features_are_upcast():
     x, y = data()
     h = x.to(torch.bfloat16)
