@@ -9,6 +9,16 @@ import torch
 import lsm_train.surrogate as sur
 from lsm_train.surrogate import fisher_directions, soft_md_lsm, soft_pair_score
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny linear algebra: one thread avoids OpenMP wake-up costs on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------- references
 
 
@@ -309,7 +319,7 @@ def test_crossfit_too_few_classes_and_gradients():
 # --------------------------------------------------------------------------- gradients
 
 
-@pytest.mark.parametrize("n,d", [(8, 3), (7, 12)])
+@pytest.mark.parametrize("n,d", [(8, 3), (6, 8)])
 @pytest.mark.parametrize("scheme", ["pairwise", "ovr"])
 def test_gradcheck(n, d, scheme):
     H, y = _data(n, d, shift=0.5)
