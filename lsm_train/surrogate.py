@@ -172,28 +172,29 @@ class _Layout:
             return [(k, l) for k in range(self.K) for l in range(k + 1, self.K)]
         return [(k, -1) for k in range(self.K)]
 
-    def coefficients(self, scheme: str, dtype: torch.dtype) -> torch.Tensor:
-        """C (K × T) with δ_t = μ_A − μ_B = Mu @ C[:, t] (Mu: d × K class means)."""
-        device = self.inverse.device
-        counts = torch.tensor(self.counts, dtype=dtype, device=device)
+    def pair_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class indices (k, l) of the pairwise tasks, k < l."""
+        k, l = torch.triu_indices(self.K, self.K, offset=1, device=self.inverse.device)
+        return k, l
+
+    def ovr_coefficients(self, dtype: torch.dtype) -> torch.Tensor:
+        """C (K × K): δ_k = μ_k − μ_rest(k) = Mu @ C[:, k], μ_rest = Σ_{j≠k} n_j μ_j / (n − n_k)."""
+        counts = torch.tensor(self.counts, dtype=dtype, device=self.inverse.device)
+        return (-counts[:, None] / (self.n - counts)[None, :]).fill_diagonal_(1.0)
+
+    def combine(self, M: torch.Tensor, scheme: str) -> torch.Tensor:
+        """Per-task combinations of the K columns of M (· × K): M @ c_t for every task t."""
         if scheme == "pairwise":
-            tasks = self.tasks(scheme)
-            t = torch.arange(len(tasks), device=device)
-            k = torch.tensor([p[0] for p in tasks], device=device)
-            l = torch.tensor([p[1] for p in tasks], device=device)
-            C = torch.zeros(self.K, len(tasks), dtype=dtype, device=device)
-            C[k, t] = 1.0
-            C[l, t] = -1.0
-            return C
-        C = -counts[:, None] / (self.n - counts)[None, :]  # μ_rest = Σ_{j≠k} n_j μ_j / (n − n_k)
-        return C.fill_diagonal_(1.0)
+            k, l = self.pair_index()
+            return M[:, k] - M[:, l]
+        return M @ self.ovr_coefficients(M.dtype)
 
 
 def _directions(
     H: torch.Tensor, lay: _Layout, scheme: str, shrinkage: float, dual: bool | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (Hc, W, C, r): centered H; per-class solutions W = Σ_s⁻¹ Mu (d × K, in H units);
-    coefficients C (K × T); norms r (T,) so that ŵ_t = W @ C[:, t] · r_t has ŵ_tᵀ Σ_s ŵ_t = 1.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (Hc, W, r): centered H; per-class solutions W = Σ_s⁻¹ Mu (d × K, in H units);
+    norms r (T,) so that ŵ_t = lay.combine(W)[:, t] · r_t has ŵ_tᵀ Σ_s ŵ_t = 1.
 
     Works on X = Hc / s with s the rms of Hc (so the ε ridge and every guard scale with H).
     """
@@ -209,10 +210,11 @@ def _directions(
     m = max(n - K, 1)
     alpha = shrinkage * U.pow(2).sum() / (m * d) + _RIDGE
     Z = _shrunk_solve(U, Mu, alpha, (1.0 - shrinkage) / m, dual)  # Σ_s⁻¹ μ_k, all k at once
-    C = lay.coefficients(scheme, dtype)
-    quad = ((Mu @ C) * (Z @ C)).sum(0)  # δ_tᵀ Σ_s⁻¹ δ_t: Mahalanobis², scale invariant
-    r = torch.rsqrt(quad.clamp_min(0.0) + torch.finfo(dtype).eps)
-    return Hc, Z / s, C, r
+    G = Mu.mT @ Z  # K × K: μ_kᵀ Σ_s⁻¹ μ_l
+    G = (G + G.mT) / 2
+    quad = lay.combine(lay.combine(G, scheme).mT, scheme).diagonal()  # δ_tᵀ Σ_s⁻¹ δ_t
+    r = torch.rsqrt(quad.clamp_min(0.0) + torch.finfo(dtype).eps)  # Mahalanobis: scale free
+    return Hc, Z / s, r
 
 
 def fisher_directions(
@@ -233,9 +235,9 @@ def fisher_directions(
             f"y: expected at least 2 distinct classes, got {lay.K} "
             f"(labels present: {lay.classes.tolist()})"
         )
-    _, W, C, r = _directions(X, lay, scheme, shrinkage)
+    _, W, r = _directions(X, lay, scheme, shrinkage)
     tasks = [(k, None if l < 0 else l) for k, l in lay.tasks(scheme)]
-    return (W @ C) * r, tasks, lay.classes
+    return lay.combine(W, scheme) * r, tasks, lay.classes
 
 
 # --------------------------------------------------------------------------- soft counts
@@ -298,16 +300,13 @@ def _pieces(sizes: list[tuple[int, int]]) -> list[list[tuple[int, int, int]]]:
     return groups
 
 
-def _task_scores(
-    P: torch.Tensor, lay: _Layout, scheme: str, C: torch.Tensor, scale: torch.Tensor
-) -> torch.Tensor:
-    """S_τ of every task (T,), in task order, from the per-class projections P (n × K)
-    (``scale`` = r / τ per task). Works in blocks of bounded memory, samples sorted by class."""
+def _task_scores(P: torch.Tensor, lay: _Layout, scheme: str, scale: torch.Tensor) -> torch.Tensor:
+    """S_τ of every task (T,), in task order (``scale`` = r / τ per task), from projections P:
+    pairwise, n × K per-class projections (task (k, l) uses column k − column l); ovr, n × T
+    already combined per task. Works in blocks of bounded memory, samples sorted by class."""
     device = P.device
     P = P[lay.order]
     tasks = lay.tasks(scheme)
-    if scheme == "ovr":
-        P = P @ C  # n × T: ovr directions are dense combinations of the K solutions
     cnt, st, n = lay.counts, lay.starts, lay.n
     sizes = [(cnt[k], cnt[l] if l >= 0 else n - cnt[k]) for k, l in tasks]
     sums = P.new_zeros(len(tasks))
@@ -405,10 +404,13 @@ def _soft_md_lsm(
     lay = _Layout(labels)
     if lay.K < 2:
         return (X.sum() * 0 + 1.0).reshape(1)
-    Hc, W, C, r = _directions(X, lay, scheme, shrinkage, dual)
+    Hc, W, r = _directions(X, lay, scheme, shrinkage, dual)
     if detach_directions:
         W, r = W.detach(), r.detach()
-    return _task_scores(Hc @ W, lay, scheme, C, r / tau)
+    P = Hc @ W
+    if scheme == "ovr":
+        P = lay.combine(P, scheme)
+    return _task_scores(P, lay, scheme, r / tau)
 
 
 def _soft_md_lsm_crossfit(
@@ -432,11 +434,13 @@ def _soft_md_lsm_crossfit(
         fit = keep & (rank % 2 == fold)
         ev = keep & (rank % 2 != fold)
         lay_fit, lay_ev = _Layout(labels[fit]), _Layout(labels[ev])  # the same classes
-        _, W, C, r = _directions(X[fit], lay_fit, scheme, shrinkage)
+        _, W, r = _directions(X[fit], lay_fit, scheme, shrinkage)
         if detach_directions:
             W, r = W.detach(), r.detach()
         P = (X[ev] - X[fit].mean(0, keepdim=True)) @ W  # only differences matter
-        values.append(_task_scores(P, lay_ev, scheme, C, r / tau).mean())
+        if scheme == "ovr":  # the weights of the rest's mean come from the fit half
+            P = lay_fit.combine(P, scheme)
+        values.append(_task_scores(P, lay_ev, scheme, r / tau).mean())
     return (values[0] + values[1]) / 2
 
 

@@ -130,6 +130,13 @@ def test_per_task_scores_in_task_order():
         )
 
 
+@pytest.mark.parametrize("scheme", ["pairwise", "ovr"])
+def test_many_classes(scheme):
+    H, y = _data(40, 6, K=13, seed=10)  # 78 pairs, classes of 3 or 4 samples
+    got = soft_md_lsm(H, y, tau=0.4, scheme=scheme).item()
+    np.testing.assert_allclose(got, _ref_soft(H.numpy(), y.numpy(), 0.4, scheme), rtol=1e-9)
+
+
 def test_dual_equals_primal_solve():
     g = torch.Generator().manual_seed(1)
     U = torch.randn(9, 30, generator=g, dtype=torch.float64)
