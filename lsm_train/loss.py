@@ -20,6 +20,8 @@ S_l ∈ (0, 1) is the differentiable soft MD-LSM (:func:`lsm_train.surrogate.sof
   it is in ``state_dict()`` and a resumed run continues the ramp.
 * A batch with fewer than two classes gives S_l = 1 exactly, so it contributes 0 with a zero
   (never NaN) gradient; such batches are counted in ``skipped``.
+* Non-finite features (a diverged model) make ``LSMLoss`` return NaN, like the task loss,
+  so the caller's ``isfinite(loss)`` check sees it; ``lsm_loss`` raises a ValueError instead.
 
 The score is computed in float32 or float64 with autocast disabled (half-precision
 features are upcast), since it solves a small linear system.
@@ -126,14 +128,21 @@ def _scores(
     detach_directions: bool,
     reduce: str,
     crossfit: bool = False,
+    nan_if_not_finite: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """{layer: S_l} (0-dim tensors attached to the graph)."""
+    """{layer: S_l} (0-dim tensors attached to the graph).
+
+    Non-finite features raise (soft_md_lsm's check) unless ``nan_if_not_finite``: then
+    S_l = NaN, still attached to the graph, so a diverged model gives a NaN loss."""
     from lsm_train.surrogate import soft_md_lsm
 
     out = {}
     for name, f in feats.items():
         if f.dtype in (torch.float16, torch.bfloat16):
             f = f.float()
+        if nan_if_not_finite and not bool(torch.isfinite(f).all()):
+            out[name] = f.sum() * float("nan")
+            continue
         with torch.autocast(device_type=f.device.type, enabled=False):
             out[name] = soft_md_lsm(
                 f, y, tau, scheme=scheme, shrinkage=shrinkage,
@@ -304,7 +313,7 @@ class LSMLoss(nn.Module):
         y = _labels(labels, feats)
         scores = _scores(
             feats, y, self.tau, self.scheme, self.shrinkage, self.detach_directions, self.reduce,
-            self.crossfit,
+            self.crossfit, nan_if_not_finite=True,
         )
         self.capture.clear()
         self._last = {n: s.detach() for n, s in scores.items()}

@@ -251,6 +251,19 @@ def test_single_class_batch_contributes_zero_and_is_counted():
     assert reg.skipped == 1
 
 
+def test_diverged_model_gives_nan_loss_not_an_exception():
+    model = MLP().eval()
+    x, y = data()
+    reg = lt.LSMLoss(model, weight=1.0)
+    with torch.no_grad():
+        model.block1.fc.weight[0, 0] = float("nan")
+    model(x)
+    v = reg(y)
+    assert math.isnan(v.item()) and math.isnan(reg.last["block2"])
+    with pytest.raises(ValueError, match="finite"):
+        lt.lsm_loss(torch.full((24, 3), float("inf")), y)
+
+
 # -- errors ----------------------------------------------------------------------------------
 
 
