@@ -189,6 +189,14 @@ class _Layout:
             return M[:, k] - M[:, l]
         return M @ self.ovr_coefficients(M.dtype)
 
+    def quadratic(self, G: torch.Tensor, scheme: str) -> torch.Tensor:
+        """c_tᵀ G c_t for every task t (G: K × K symmetric), without a T × T matrix."""
+        if scheme == "pairwise":
+            k, l = self.pair_index()
+            return G[k, k] + G[l, l] - 2 * G[k, l]
+        C = self.ovr_coefficients(G.dtype)
+        return (C * (G @ C)).sum(0)
+
 
 def _directions(
     H: torch.Tensor, lay: _Layout, scheme: str, shrinkage: float, dual: bool | None = None
@@ -212,7 +220,7 @@ def _directions(
     Z = _shrunk_solve(U, Mu, alpha, (1.0 - shrinkage) / m, dual)  # Σ_s⁻¹ μ_k, all k at once
     G = Mu.mT @ Z  # K × K: μ_kᵀ Σ_s⁻¹ μ_l
     G = (G + G.mT) / 2
-    quad = lay.combine(lay.combine(G, scheme).mT, scheme).diagonal()  # δ_tᵀ Σ_s⁻¹ δ_t
+    quad = lay.quadratic(G, scheme)  # δ_tᵀ Σ_s⁻¹ δ_t
     r = torch.rsqrt(quad.clamp_min(0.0) + torch.finfo(dtype).eps)  # Mahalanobis: scale free
     return Hc, Z / s, r
 
