@@ -335,12 +335,12 @@ def group_runs(runs: list[Run]) -> list[Group]:
     common = set(keys[0]).intersection(*keys[1:]) if keys else set()
     groups = []
     for key, members in keyed.items():
-        first = members[0].overrides  # the label keeps the command line's order
-        varying = [o for o in first if o in key and o not in common]
+        first = [o for o in members[0].overrides if o in key]  # the command line's order
+        varying = [o for o in first if o not in common]
         if key and key[0].startswith("run=") and len(key) == 1:
             label = key[0][4:]
         else:
-            label = " ".join(varying) if varying else (" ".join(key) if len(keys) == 1 else "all")
+            label = " ".join(varying) if varying else (" ".join(first) if len(keys) == 1 else "all")
         groups.append(Group(key, label or "all", members))
     return groups
 
@@ -544,31 +544,50 @@ def plot_grid(groups: list[Group], out: Path, max_panels: int = 36) -> Path:
     return path
 
 
+def _short_labels(groups: list[Group]) -> tuple[list[str], str | None]:
+    """Labels for a legend: ``sigmoid`` with title ``model.kwargs.activation`` when every
+    label is one override of the same key; the full labels otherwise."""
+    parts = [g.label.split("=", 1) if " " not in g.label else [] for g in groups]
+    if all(len(p) == 2 for p in parts) and len({p[0] for p in parts}) == 1:
+        return [p[1] for p in parts], parts[0][0]
+    return [g.label for g in groups], None
+
+
 def plot_layer_bars(groups: list[Group], out: Path) -> Path:
-    """Grouped bars: final MD-LSM of the k-th hidden layer, one bar per setting (± std)."""
+    """Grouped bars: final MD-LSM of the k-th hidden layer, one bar per setting (± std).
+
+    The y axis is zoomed to the data (MD-LSM lies in [0.5, 1]; trained layers are often
+    close to 1, where a full-range axis would hide the differences).
+    """
     import matplotlib.pyplot as plt
 
-    depth = max(len(_ordered_layers(g.runs)) for g in groups)
     names = [_ordered_layers(g.runs) for g in groups]
+    depth = max(len(n) for n in names)
     same = all(n == names[0] for n in names)
+    labels, title = _short_labels(groups)
     width = 0.8 / len(groups)
-    fig, ax = plt.subplots(figsize=(max(6, 1.0 * depth + 0.25 * len(groups) * depth), 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * depth + 0.2 * len(groups) * depth), 4.2))
+    low = 1.0
     for i, (g, layers) in enumerate(zip(groups, names, strict=True)):
         means, stds = [], []
         for layer in layers:
             m, s, _ = stats.mean_std([r.final(LSM_PREFIX + layer) for r in g.runs])
             means.append(m)
             stds.append(0.0 if math.isnan(s) else s)
+            if math.isfinite(m):
+                low = min(low, m - stds[-1])
         x = np.arange(len(layers)) + (i - (len(groups) - 1) / 2) * width
-        ax.bar(x, means, width, yerr=stds, capsize=2, label=g.label)
+        ax.bar(x, means, width, yerr=stds, capsize=2, label=labels[i])
     ax.set_xticks(np.arange(depth))
     ax.set_xticklabels(
-        names[0] if same else [f"hidden {k + 1}" for k in range(depth)], rotation=30, fontsize=7
+        names[0] if same else [f"hidden {k + 1}" for k in range(depth)], rotation=20, fontsize=7
     )
-    ax.set_ylim(0.5, 1.0)
+    pad = max(0.002, 0.1 * (1.0 - low))
+    ax.set_ylim(max(0.5, low - pad), 1.0 + pad / 2)
     ax.set_ylabel("final MD-LSM (train probe)")
     ax.set_title("Final per-layer MD-LSM by setting (mean ± std over seeds)", fontsize=9)
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=7, title=title, title_fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     path = out / "final_lsm_bars.png"
     fig.savefig(path, dpi=100)

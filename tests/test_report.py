@@ -259,6 +259,15 @@ def test_grouping_ignores_override_order_and_labels_only_what_varies(tmp_path):
         ("lsm=loss", ["0", "1"]), ("lsm=guard", ["2"])]
 
 
+def test_single_setting_label_keeps_command_line_order(tmp_path):
+    rows = lockstep_rows(ACC)
+    for seed in (0, 1):
+        write_run(tmp_path / "s" / str(seed), rows,
+                  overrides=["recipe=paper/width", "model.kwargs.width=8", f"seed={seed}"])
+    (group,) = report.group_runs(report.load_runs(tmp_path / "s"))
+    assert group.label == "recipe=paper/width model.kwargs.width=8"
+
+
 def test_empty_metrics_file_warns_and_reports_dashes(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "metrics.jsonl").write_text("")
