@@ -374,3 +374,24 @@ def test_hydra_list_configs_are_accepted():
     cfg = omegaconf.OmegaConf.create({"image_size": [12, 8], "kwargs": {"channels": [4, 8]}})
     model = create_model("cnn", in_channels=3, image_size=cfg.image_size, **cfg.kwargs)
     assert model(torch.rand(2, 3, 12, 8)).shape == (2, 10)
+
+
+def test_timm_adapter_with_stand_in(monkeypatch):
+    def create(name, img_size=None, num_classes=1000, in_chans=3, pretrained=False, **kw):
+        if name != "tiny_resnet":
+            raise RuntimeError(f"Unknown model ({name})")
+        if img_size is not None:
+            raise TypeError("__init__() got an unexpected keyword argument 'img_size'")
+        model = TinyTorchvisionResNet(num_classes=num_classes, **kw)
+        model.conv1 = nn.Conv2d(in_chans, 4, 3, 1, 1)
+        model.feature_info = [{"module": "layer1"}, {"module": "layer2"}]
+        return model
+
+    monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(create_model=create))
+    model = create_model("timm:tiny_resnet", num_classes=3, in_channels=2, image_size=8)
+    assert model.hidden_layers == ["layer1", "layer2"]  # from feature_info
+    assert model(torch.rand(2, 2, 8, 8)).shape == (2, 3)
+    with pytest.raises(ValueError, match="unknown timm model 'nope'"):
+        create_model("timm:nope")
+    with pytest.raises(ValueError, match="invalid option"):
+        create_model("timm:tiny_resnet", colour=True)

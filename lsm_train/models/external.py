@@ -180,13 +180,17 @@ def create_external(
         replace = True
     elif source == "timm":
         timm = _import("timm")
-        if not timm.list_models(name):
-            raise ValueError(f"unknown timm model {name!r}; see timm.list_models()")
         kw = dict(num_classes=num_classes, in_chans=in_channels, pretrained=pretrained, **kwargs)
         try:
-            model = timm.create_model(name, img_size=image_size, **kw)
-        except TypeError:  # architectures without an img_size argument
-            model = timm.create_model(name, **kw)
+            try:
+                model = timm.create_model(name, img_size=image_size, **kw)
+            except TypeError:  # architectures without an img_size argument
+                model = timm.create_model(name, **kw)
+        except RuntimeError as err:  # timm: "Unknown model (...)"
+            raise ValueError(f"unknown timm model {name!r} ({err}); see timm.list_models()") \
+                from err
+        except TypeError as err:
+            raise ValueError(f"invalid option for {what}: {err}") from err
         replace = False
     else:
         raise ValueError(f"unknown model source {source!r}; expected 'torchvision' or 'timm'")
