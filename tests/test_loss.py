@@ -345,3 +345,50 @@ def test_functional_bad_inputs():
         lt.lsm_loss(x, y, tau=-1)
     with pytest.raises(ValueError, match="batch"):
         lt.lsm_loss(x[0], y[:1])
+
+
+# -- wrappers ----------------------------------------------------------------------------------
+
+
+def _same_grads_as_twin(wrap) -> None:
+    a, b = twins()
+    a.eval()
+    b.eval()
+    x, y = data()
+    ra, rb = lt.LSMLoss(a, weight=1.0), lt.LSMLoss(b, weight=1.0)  # hooks before wrapping
+    wrapped = wrap(a)
+    for _ in range(2):  # second call: the cached compiled graph
+        for p in (*a.parameters(), *b.parameters()):
+            p.grad = None
+        (nn.functional.cross_entropy(wrapped(x), y) + ra(y)).backward()
+        (nn.functional.cross_entropy(b(x), y) + rb(y)).backward()
+        assert ra.last == pytest.approx(rb.last, rel=1e-6)
+        for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+    ra.remove()
+    rb.remove()
+
+
+def test_loss_through_a_compiled_model_has_the_eager_gradients():
+    torch._dynamo.reset()
+    _same_grads_as_twin(lambda m: torch.compile(m, backend="aot_eager"))  # joint fwd+bwd graph
+    torch._dynamo.reset()
+
+
+def test_loss_on_ddp_model(tmp_path):
+    import torch.distributed as dist
+
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                                world_size=1)
+    try:
+        model = MLP()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        reg = lt.LSMLoss(ddp, ["module.block2", "block1.bn"])
+        assert reg.names == ["block2", "block1.bn"]
+        reg.remove()
+        _same_grads_as_twin(nn.parallel.DistributedDataParallel)
+    finally:
+        if own:
+            dist.destroy_process_group()
