@@ -272,8 +272,8 @@ class _SoftCount(torch.autograd.Function):
         ctx.save_for_backward(a, b)
         c = _cut(a.dtype)
         z = torch.sigmoid((a[:, :, None] - b[:, None, :]).clamp_(-c, c))
-        floor = torch.sigmoid(torch.tensor(-c, dtype=a.dtype))
-        return z.sum((1, 2)) - a.shape[1] * b.shape[1] * floor.to(a.device)
+        floor = 1.0 / (1.0 + math.exp(c))  # σ(−c), below eps²: pads add ~0 either way
+        return z.sum((1, 2)) - a.shape[1] * b.shape[1] * floor
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,7 +344,7 @@ def _task_scores(P: torch.Tensor, lay: _Layout, scheme: str, scale: torch.Tensor
         pb = torch.where(mask_b, pb * sc, torch.inf)
         sums = sums.index_add(0, t[:, 0], _SoftCount.apply(pa, pb))
     pairs = torch.tensor([a * b for a, b in sizes], dtype=P.dtype, device=device)
-    return sums / pairs
+    return (sums / pairs).clamp(0.0, 1.0)  # round-off of the σ(−c) offset only
 
 
 # --------------------------------------------------------------------------- public API
@@ -484,4 +484,4 @@ def soft_pair_score(a: Any, b: Any, w: Any, tau: float = 0.5) -> torch.Tensor:
     total = sum(
         _SoftCount.apply(pa[None, i : i + step], pb[None])[0] for i in range(0, pa.numel(), step)
     )
-    return total / (pa.numel() * pb.numel())
+    return (total / (pa.numel() * pb.numel())).clamp(0.0, 1.0)
