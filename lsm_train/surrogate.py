@@ -36,6 +36,7 @@ bounded memory, recomputing σ in the backward (autograd memory O(n) per directi
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -75,6 +76,14 @@ def _check_scheme(scheme: Any) -> str:
     if scheme not in SCHEMES:
         raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
     return scheme
+
+
+def _full_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """Disable autocast: the solves and the soft counts need float32/float64 arithmetic."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except (RuntimeError, ValueError):  # a device type without autocast
+        return contextlib.nullcontext()
 
 
 def _features(H: Any, reduce: str) -> torch.Tensor:
@@ -243,7 +252,8 @@ def fisher_directions(
             f"y: expected at least 2 distinct classes, got {lay.K} "
             f"(labels present: {lay.classes.tolist()})"
         )
-    _, W, r = _directions(X, lay, scheme, shrinkage)
+    with _full_precision(X.device):
+        _, W, r = _directions(X, lay, scheme, shrinkage)
     tasks = [(k, None if l < 0 else l) for k, l in lay.tasks(scheme)]
     return lay.combine(W, scheme) * r, tasks, lay.classes
 
@@ -392,9 +402,10 @@ def soft_md_lsm(
     shrinkage = _check_shrinkage(shrinkage)
     X = _features(H, reduce)
     labels = check_labels(y, X.shape[0], device=X.device)
-    if crossfit:
-        return _soft_md_lsm_crossfit(X, labels, tau, scheme, shrinkage, detach_directions)
-    return _soft_md_lsm(X, labels, tau, scheme, shrinkage, detach_directions).mean()
+    with _full_precision(X.device):
+        if crossfit:
+            return _soft_md_lsm_crossfit(X, labels, tau, scheme, shrinkage, detach_directions)
+        return _soft_md_lsm(X, labels, tau, scheme, shrinkage, detach_directions).mean()
 
 
 def _soft_md_lsm(
@@ -478,10 +489,12 @@ def soft_pair_score(a: Any, b: Any, w: Any, tau: float = 0.5) -> torch.Tensor:
         )
     dtype = torch.promote_types(A.dtype, wt.dtype)
     wt = wt.to(dtype)
-    pa = (A.to(dtype) @ wt) / tau
-    pb = (B.to(dtype) @ wt) / tau
-    step = max(1, _BLOCK_ELEMS // pb.numel())  # blocks of rows of A
-    total = sum(
-        _SoftCount.apply(pa[None, i : i + step], pb[None])[0] for i in range(0, pa.numel(), step)
-    )
+    with _full_precision(A.device):
+        pa = (A.to(dtype) @ wt) / tau
+        pb = (B.to(dtype) @ wt) / tau
+        step = max(1, _BLOCK_ELEMS // pb.numel())  # blocks of rows of A
+        total = sum(
+            _SoftCount.apply(pa[None, i : i + step], pb[None])[0]
+            for i in range(0, pa.numel(), step)
+        )
     return (total / (pa.numel() * pb.numel())).clamp(0.0, 1.0)

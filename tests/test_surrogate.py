@@ -254,6 +254,8 @@ def test_value_range():
     assert abs(float(soft_md_lsm(H, y, tau=1e6)) - 0.5) < 1e-5
     Hs, ys = _data(30, 5, shift=50.0)
     assert float(soft_md_lsm(Hs, ys, tau=0.1)) > 0.999
+    far = torch.full((4, 1), 100.0)
+    assert 0.0 <= soft_pair_score(torch.zeros(5, 1), far, torch.ones(1), 0.5).item() < 1e-12
 
 
 def _ref_crossfit(H, y, tau=0.5, scheme="pairwise", shrinkage=0.1):
@@ -474,6 +476,16 @@ def test_float32_numpy_and_maps():
         rtol=1e-12,
     )
     assert float(soft_md_lsm(np.arange(12).reshape(6, 2) ** 2, [0, 1] * 3)) > 0  # integers
+
+
+def test_autocast_is_disabled_inside():
+    H, y = _data(64, 16, K=4, shift=0.7, dtype=torch.float32)
+    ref = soft_md_lsm(H, y).item()
+    a, b = H[:5], H[5:12]
+    ref_pair = soft_pair_score(a, b, H[0], 3.0).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert soft_md_lsm(H, y).item() == pytest.approx(ref, rel=1e-6)
+        assert soft_pair_score(a, b, H[0], 3.0).item() == pytest.approx(ref_pair, rel=1e-6)
 
 
 def test_public_export():
