@@ -1,0 +1,291 @@
+"""The Hydra app: every recipe composes, runs end to end (debug=smoke), wandb offline folder,
+SIGTERM checkpoint in a real subprocess, multirun, bad inputs fail before training."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from lsm_train.app import (
+    _wandb_settings,
+    compose,
+    conf_dir,
+    list_recipes,
+    recipes_dir,
+    train_from_config,
+    validate_config,
+)
+from lsm_train.checkpoint import load_checkpoint
+from lsm_train.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(
+    p.relative_to(ROOT / "recipes").with_suffix("").as_posix()
+    for p in (ROOT / "recipes").rglob("*.yaml")
+)
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+HAS_OPTUNA = _has_module("hydra_plugins.hydra_optuna_sweeper")
+FAST = ["logger=none", "trainer.progress=false"]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def _env():
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="0")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_app(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "lsm_train", *args],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+# ----------------------------------------------------------------------------- compose
+
+
+def test_recipe_list_matches_the_files():
+    assert recipes_dir() == ROOT / "recipes" and conf_dir() == ROOT / "conf"
+    assert list_recipes() == RECIPES
+    expected = {"quickstart", "ablation/lsm-modes", "ablation/optuna-search"}
+    for family in ["mlp", "cnn", "dbn", "resnet", "vgg", "alexnet", "vit", "googlenet"]:
+        expected |= {f"zoo/{family}-digits", f"zoo/{family}-cifar10"}
+    assert expected <= set(RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_composes(recipe):
+    if recipe == "ablation/optuna-search" and not HAS_OPTUNA:
+        with pytest.raises(MissingConfigException, match="optuna"):
+            compose([f"recipe={recipe}"])
+        pytest.skip("hydra-optuna-sweeper (optional extra) is not installed")
+    cfg = compose([f"recipe={recipe}"])
+    validate_config(cfg)
+    assert cfg.model.name and cfg.data.name and cfg.lsm.mode
+    smoke = compose([f"recipe={recipe}", "debug=smoke"])
+    assert smoke.trainer.max_steps == 3 and smoke.data.limit_train == 96
+    validate_config(smoke)
+
+
+def test_default_recipe_is_quickstart_mlp_digits_both():
+    cfg = compose([], return_hydra_config=True)
+    assert cfg.hydra.runtime.choices.recipe == "quickstart"
+    assert (cfg.model.name, cfg.data.name, cfg.lsm.mode) == ("mlp", "digits", "both")
+    assert cfg.logger.wandb.mode == "offline"
+
+
+def test_recipes_win_over_groups_and_command_line_wins_over_recipes():
+    cfg = compose(["recipe=zoo/cnn-digits"])
+    assert cfg.model.name == "cnn" and list(cfg.model.kwargs.channels) == [16, 32]
+    cfg = compose(["recipe=zoo/cnn-digits", "lsm=off", "trainer.epochs=2", "model=resnet"])
+    assert (cfg.lsm.mode, cfg.trainer.epochs, cfg.model.name) == ("off", 2, "resnet")
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def test_default_recipe_runs_end_to_end_in_a_subprocess(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_app("debug=smoke", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ["metrics.jsonl", "checkpoint.pt", "summary.png", ".hydra/config.yaml"]:
+        assert (run_dir / name).is_file(), name
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("run-*.wandb"))
+    records = read_metrics(run_dir)
+    keys = set().union(*records)
+    assert {"step", "epoch", "train/loss", "train/acc", "val/acc", "lsm/blocks.0.act",
+            "val_lsm/blocks.2.act", "guard/accept_rate", "lsm_loss/blocks.0.act"} <= keys
+    assert records[-1]["step"] == 3
+    assert "lsm last" in proc.stderr and "val/acc=" in proc.stderr  # the summary table
+
+
+@pytest.mark.slow
+def test_default_recipe_full_run(tmp_path):
+    proc = run_app(f"hydra.run.dir={tmp_path}", "trainer.progress=false", timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = read_metrics(tmp_path)[-1]
+    assert last["val/acc"] > 0.9
+
+
+ZOO_DIGITS = [r for r in RECIPES if r.startswith("zoo/") and r.endswith("-digits")]
+
+
+@pytest.mark.parametrize("recipe", ZOO_DIGITS)
+def test_zoo_digits_recipe_runs_with_debug_smoke(tmp_path, recipe):
+    cfg = compose([f"recipe={recipe}", "debug=smoke", *FAST])
+    res = train_from_config(cfg, tmp_path, recipe=recipe)
+    assert res.status == "completed" and res.step == 3
+    records = read_metrics(tmp_path)
+    layer_keys = [k for k in records[-1] if k.startswith("lsm/") and k != "lsm/mean"]
+    assert layer_keys and all(0.0 <= records[-1][k] <= 1.0 for k in layer_keys)
+    assert (tmp_path / "summary.png").is_file()
+
+
+def test_wandb_settings_group_tags_and_resolved_config(tmp_path):
+    cfg = compose(["recipe=zoo/mlp-digits", "tags=[mine]"])
+    w = _wandb_settings(cfg, "zoo/mlp-digits", None, None)
+    assert w["group"] == "zoo/mlp-digits" and w["job_type"] == "train"
+    assert {"mine", "mlp", "digits", "lsm-both"} <= set(w["tags"])  # command line wins
+    assert "zoo" in _wandb_settings(compose(["recipe=zoo/mlp-digits"]), "r", None, None)["tags"]
+    assert w["mode"] == "offline" and "${" not in repr(w["config"])  # resolved
+    assert w["config"]["recipe"] == "zoo/mlp-digits"
+    assert _wandb_settings(cfg, "r", "2026-01-01_00-00-00_000001", None)["group"] == (
+        "r/2026-01-01_00-00-00_000001"  # one group per sweep
+    )
+    assert _wandb_settings(compose(["logger=none"]), "r", None, None) is None
+
+
+def test_logger_none_writes_no_wandb_folder_but_metrics(tmp_path):
+    cfg = compose(["debug=smoke", "lsm=monitor", *FAST])
+    train_from_config(cfg, tmp_path, recipe="quickstart")
+    assert not (tmp_path / "wandb").exists() and read_metrics(tmp_path)
+
+
+def test_a_broken_wandb_run_only_warns(tmp_path, monkeypatch):
+    """wandb.log raising inside the real run object: warn, finish training, keep metrics."""
+    from lsm_train import tracking
+
+    real_init = tracking.Tracker._init_wandb
+
+    def init_then_break(self, cfg):
+        real_init(self, cfg)
+
+        def broken(*a, **k):
+            raise OSError("disk full")
+
+        self.run.log = broken
+
+    monkeypatch.setattr(tracking.Tracker, "_init_wandb", init_then_break)
+    cfg = compose(["debug=smoke", "lsm=monitor", "trainer.progress=false"])
+    with pytest.warns(RuntimeWarning, match="wandb log failed.*disk full"):
+        res = train_from_config(cfg, tmp_path, recipe="quickstart")
+    assert res.status == "completed" and read_metrics(tmp_path)[-1]["step"] == 3
+
+
+def test_multirun_lsm_modes_sweep(tmp_path):
+    proc = run_app(
+        "-m", "recipe=ablation/lsm-modes", "debug=smoke", "logger=none",
+        "trainer.progress=false", "hydra.sweeper.params.seed=0",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    modes = {}
+    for job in sorted(p for p in tmp_path.iterdir() if p.is_dir()):
+        over = (job / ".hydra" / "overrides.yaml").read_text()
+        modes[job.name] = next(m for m in ["off", "loss", "guard", "both"] if f"lsm={m}" in over)
+        assert read_metrics(job)[-1]["step"] == 3
+    assert sorted(modes.values()) == ["both", "guard", "loss", "off"]
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["lsm=monitor", "trainer.epochs=200", "logger=none", "trainer.progress=false",
+            "trainer.log_every_n_steps=1", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lsm_train", *args], cwd=ROOT, env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err
+    assert "SIGTERM received" in err and "resume=true" in err
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    assert state["step"] >= 2
+    assert read_metrics(run_dir)[-1]["step"] <= state["step"]
+
+    # resume=true with the same run folder continues from that step
+    cfg = compose(args[:-1] + ["trainer.epochs=2", "resume=true"])
+    res = train_from_config(cfg, run_dir, recipe="quickstart")
+    assert res.status == "completed" and res.step == 44
+    steps = [r["step"] for r in read_metrics(run_dir)]
+    assert steps == sorted(set(steps)) and steps[-1] == 44
+
+
+def test_resume_true_finds_the_latest_run_of_the_recipe(tmp_path):
+    old = tmp_path / "2026-01-01_00-00-00_000001"
+    cfg = compose(["debug=smoke", "lsm=off", *FAST])
+    train_from_config(cfg, old, recipe="quickstart")
+    new = tmp_path / "2026-01-02_00-00-00_000001"
+    res = train_from_config(compose(["debug=smoke", "lsm=off", "resume=true", *FAST]), new)
+    assert res.step == 3 and not (new / "metrics.jsonl").exists()  # continued in `old`
+    with pytest.raises(ValueError, match="resume=true: no checkpoint.pt"):
+        train_from_config(compose(["resume=true", *FAST]), tmp_path / "x" / "y")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("lsm.loss.weight=-0.1", r"lsm\.loss\.weight: expected a number >= 0, got -0\.1"),
+        ("lsm.loss.tau=0", r"lsm\.loss\.tau: expected a number > 0, got 0"),
+        ("lsm.loss.tau=-1.0", r"lsm\.loss\.tau: expected a number > 0"),
+        ("lsm.monitor.holdout=1.5", r"lsm\.monitor\.holdout"),
+        ("optim.lr=0", r"optim\.lr: expected a number > 0"),
+        ("trainer.epochs=0", r"trainer\.epochs: expected an integer >= 1"),
+        ("lsm.mode=sometimes", r"lsm\.mode: expected one of"),
+    ],
+)
+def test_invalid_values_fail_before_training(tmp_path, override, message):
+    cfg = compose([override, *FAST])
+    with pytest.raises(ValueError, match=message):
+        train_from_config(cfg, tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_layer_pattern_matching_nothing_fails_before_training(tmp_path):
+    cfg = compose(["lsm.layers=[blocks.*.act,nothing_here*]", *FAST])
+    with pytest.raises(ValueError, match="nothing_here"):
+        train_from_config(cfg, tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_unknown_recipe_and_group_option_give_hydras_message():
+    with pytest.raises(MissingConfigException, match=r"recipe/nope[\s\S]*quickstart"):
+        compose(["recipe=nope"])
+    with pytest.raises((MissingConfigException, ConfigCompositionException),
+                       match=r"lsm/sometimes[\s\S]*both"):
+        compose(["lsm=sometimes"])
+
+
+def test_bad_value_on_the_command_line_exits_2_with_a_message(tmp_path):
+    proc = run_app("lsm.loss.weight=-1", "logger=none", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "lsm-train: error: invalid configuration" in proc.stderr
+    assert "lsm.loss.weight: expected a number >= 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
