@@ -134,7 +134,7 @@ class Run:
     overrides: list[str] = field(default_factory=list)
     config: dict | None = None
     acc_key: str = "auto"
-    _sync: dict | None = field(default=None, init=False, repr=False, compare=False)
+    _sync: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def load(cls, path: Path, name: str | None = None) -> Run:
@@ -212,14 +212,22 @@ class Run:
             return self.acc_key
         return PROBE_ACC if np.isfinite(self.column(PROBE_ACC)).any() else TRAIN_ACC
 
-    def synchronicity(self) -> dict[str, stats.Synchronicity]:
-        """Per layer: synchronicity of ``lsm/<layer>`` with :attr:`sync_acc_key` (cached)."""
-        if self._sync is None:
-            self._sync = {}
+    def synchronicity(self, until: float | None = None) -> dict[str, stats.Synchronicity]:
+        """Per layer: synchronicity of ``lsm/<layer>`` with :attr:`sync_acc_key` (cached).
+
+        ``until``: only the learning phase, the log points up to the first where the accuracy
+        reaches ``until`` (:func:`lsm_train.stats.learning_phase`).
+        """
+        if until not in self._sync:
+            out = {}
             for layer in self.layers:
                 lsm, acc = self.sync_series(layer)
-                self._sync[layer] = stats.synchronicity(lsm, acc)
-        return self._sync
+                if until is not None:
+                    k = stats.learning_phase(acc, until)
+                    lsm, acc = lsm[:k], acc[:k]
+                out[layer] = stats.synchronicity(lsm, acc)
+            self._sync[until] = out
+        return self._sync[until]
 
     def sync_series(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
         """(MD-LSM, accuracy) of ``layer`` on the log points where both are finite."""
@@ -368,13 +376,17 @@ class Table:
         return "\n".join(lines)
 
 
-def sync_table(run: Run) -> Table:
+def sync_table(run: Run, threshold: float) -> Table:
     rows = []
+    early = run.synchronicity(until=threshold)
     for layer, s in run.synchronicity().items():
-        rows.append([layer, str(s.intervals), str(s.used), _fmt(s.same_sign), _fmt(s.spearman)])
+        e = early[layer]
+        rows.append([layer, str(s.intervals), str(s.used), _fmt(s.same_sign), _fmt(s.spearman),
+                     str(e.used), _fmt(e.same_sign), _fmt(e.spearman)])
     return Table(
         f"Synchronicity: {run.name} (Δ lsm/<layer> vs Δ {run.sync_acc_key})",
-        ["layer", "intervals", "used (no zero change)", "same-sign fraction", "Spearman ρ"],
+        ["layer", "intervals", "used (no zero change)", "same-sign fraction", "Spearman ρ",
+         f"until {run.sync_acc_key} ≥ {threshold:g}: used", "same-sign", "Spearman ρ"],
         rows,
     )
 
@@ -438,7 +450,7 @@ def layer_table(groups: list[Group]) -> Table:
     )
 
 
-def sync_summary_table(groups: list[Group]) -> Table:
+def sync_summary_table(groups: list[Group], threshold: float) -> Table:
     """Per setting: synchronicity of the first and the last hidden layer and over all layers.
 
     The paper expects it clearest next to the output (the last hidden layer). Each run
@@ -446,13 +458,14 @@ def sync_summary_table(groups: list[Group]) -> Table:
     """
     rows = []
     for g in groups:
-        firsts, lasts, means, rhos = [], [], [], []
+        firsts, lasts, means, rhos, early = [], [], [], [], []
         for r in g.runs:
             sync = list(r.synchronicity().values())
             if not sync:
                 continue
             firsts.append(sync[0].same_sign)
             lasts.append(sync[-1].same_sign)
+            early.append(list(r.synchronicity(until=threshold).values())[-1].same_sign)
             means.append(float(np.nanmean([s.same_sign for s in sync]))
                          if any(math.isfinite(s.same_sign) for s in sync) else math.nan)
             rhos.append(sync[-1].spearman)
@@ -460,11 +473,11 @@ def sync_summary_table(groups: list[Group]) -> Table:
             continue
         rows.append([g.label, str(len(firsts)), stats.format_mean_std(firsts),
                      stats.format_mean_std(lasts), stats.format_mean_std(means),
-                     stats.format_mean_std(rhos)])
+                     stats.format_mean_std(rhos), stats.format_mean_std(early)])
     return Table(
         "Synchronicity by setting (same-sign fraction; mean ± std over seeds)",
         ["setting", "runs", "first hidden layer", "last hidden layer", "mean over layers",
-         "Spearman ρ, last hidden layer"],
+         "Spearman ρ, last hidden layer", f"last hidden layer, until acc ≥ {threshold:g}"],
         rows,
     )
 
@@ -477,30 +490,39 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
 
 
-def _plot_lsm(ax, run: Run, title: str) -> None:
+def _plot_lsm(ax, run: Run, title: str, legend: bool = False) -> None:
+    """MD-LSM per layer on ``ax`` (own y range: trained layers crowd near 1) and the
+    accuracy (dashed) on a twin axis in [0, 1]."""
     for layer in run.layers:
         steps, lsm = run.aligned(LSM_PREFIX + layer)
         ax.plot(steps, lsm, marker=".", ms=3, lw=1, label=layer)
     key = run.sync_acc_key
     steps, acc = run.aligned(key)
+    twin = ax.twinx()
     if steps.size:
-        ax.plot(steps, acc, "k--", lw=1, label=key)
+        twin.plot(steps, acc, "k--", lw=1, label=key)
+    twin.set_ylim(0, 1.02)
+    twin.tick_params(labelsize=6)
     ax.set_title(title, fontsize=8)
     ax.set_xlabel("step", fontsize=7)
     ax.tick_params(labelsize=6)
+    if legend:
+        lines = ax.get_lines() + twin.get_lines()
+        ax.legend(lines, [ln.get_label() for ln in lines], fontsize=6, loc="lower right")
+        ax.set_ylabel("MD-LSM (train probe)", fontsize=8)
+        twin.set_ylabel(f"{key} (dashed)", fontsize=8)
 
 
-def plot_run(run: Run, out: Path) -> list[Path]:
-    """``<run>_lsm.png`` (MD-LSM per layer and train/acc vs step) and ``<run>_sync.png``."""
+def plot_run(run: Run, out: Path, title: str | None = None) -> list[Path]:
+    """``<run>_lsm.png`` (MD-LSM per layer and accuracy vs step) and ``<run>_sync.png``."""
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
     slug = _slug(run.name)
+    title = title or run.name
     paths = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    _plot_lsm(ax, run, f"MD-LSM per layer: {run.name}")
-    ax.set_ylabel("MD-LSM (train probe) / accuracy")
-    ax.legend(fontsize=6, loc="lower right")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    _plot_lsm(ax, run, f"MD-LSM per layer: {title}", legend=True)
     fig.tight_layout()
     paths.append(out / f"{slug}_lsm.png")
     fig.savefig(paths[-1], dpi=100)
@@ -514,7 +536,7 @@ def plot_run(run: Run, out: Path) -> list[Path]:
     ax.axvline(0, color="grey", lw=0.5)
     ax.set_xlabel("Δ MD-LSM per log interval")
     ax.set_ylabel(f"Δ {run.sync_acc_key} per log interval")
-    ax.set_title(f"Synchronicity: {run.name}", fontsize=9)
+    ax.set_title(f"Synchronicity: {title}", fontsize=9)
     if run.layers:
         ax.legend(fontsize=6)
     fig.tight_layout()
@@ -531,12 +553,13 @@ def plot_grid(groups: list[Group], out: Path, max_panels: int = 36) -> Path:
     shown = groups[:max_panels]
     ncol = min(4, len(shown))
     nrow = math.ceil(len(shown) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.6 * nrow), squeeze=False)
-    for ax, g in zip(axes.flat, shown, strict=False):
-        _plot_lsm(ax, g.runs[0], g.label)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 2.6 * nrow), squeeze=False)
+    for i, (ax, g) in enumerate(zip(axes.flat, shown, strict=False)):
+        _plot_lsm(ax, g.runs[0], g.label, legend=i == 0)
     for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")
-    fig.suptitle("MD-LSM per layer (coloured) and accuracy (dashed) against step", fontsize=9)
+    fig.suptitle("MD-LSM per layer (coloured, left axis) and accuracy (dashed, right axis) "
+                 "against step; first run of each setting", fontsize=9)
     fig.tight_layout()
     path = out / "lsm_grid.png"
     fig.savefig(path, dpi=90)
@@ -646,6 +669,13 @@ def _run_summary(run: Run, threshold: float) -> dict:
     def num(x):
         return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
 
+    def sync(until):
+        return {
+            k: {"same_sign": num(s.same_sign), "spearman": num(s.spearman),
+                "intervals": s.intervals, "used": s.used}
+            for k, s in run.synchronicity(until).items()
+        }
+
     return {
         "name": run.name,
         "path": str(run.path),
@@ -658,11 +688,8 @@ def _run_summary(run: Run, threshold: float) -> dict:
         "final_mean_lsm": num(run.final_mean_lsm()),
         "final_lsm": {k: num(v) for k, v in run.final_lsm().items()},
         "sync_acc_key": run.sync_acc_key,
-        "synchronicity": {
-            k: {"same_sign": num(s.same_sign), "spearman": num(s.spearman),
-                "intervals": s.intervals, "used": s.used}
-            for k, s in run.synchronicity().items()
-        },
+        "synchronicity": sync(None),
+        "synchronicity_learning_phase": sync(threshold),
     }
 
 
@@ -684,19 +711,23 @@ def build_report(
     groups = group_runs(runs)
     tables = [summary_table(groups, threshold)]
     if len(runs) > 1:
-        sync_summary = sync_summary_table(groups)
+        sync_summary = sync_summary_table(groups, threshold)
         if sync_summary.rows:
             tables.append(sync_summary)
         tables.append(layer_table(groups))
-    tables += [sync_table(r) for r in runs]
+    tables += [sync_table(r, threshold) for r in runs]
 
     images: list[Path] = []
     if plots:
         import matplotlib
 
         matplotlib.use("Agg", force=True)
+        labels = {id(r): f"{r.name} ({g.label})" for g in groups for r in g.runs}
         for r in runs:
-            images += plot_run(r, out / "runs" if len(runs) > 1 else out)
+            if len(runs) > 1:
+                images += plot_run(r, out / "runs", labels[id(r)])
+            else:
+                images += plot_run(r, out)
         if len(runs) > 1:
             images.append(plot_grid(groups, out))
             images.append(plot_acc_bars(groups, out))

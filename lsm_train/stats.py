@@ -14,6 +14,10 @@ training accuracy ``a_0, ..., a_T`` at the same consecutive log points, form the
   finite (zeros kept; ties get average ranks, as in ``scipy.stats.spearmanr``). NaN when
   fewer than 2 intervals remain or either series is constant (no ranking exists).
 
+The *learning phase* restricts both statistics to the log points up to the first one where
+the accuracy reaches a threshold (``learning_phase``): after that, accuracy changes are mostly
+noise around its plateau.
+
 Sweep summaries: ``mean_std`` gives the mean and the sample standard deviation (ddof=1) over
 seeds, ignoring NaN entries; the std of a single value is NaN (shown as the mean alone).
 """
@@ -33,6 +37,7 @@ __all__ = [
     "spearman",
     "synchronicity",
     "steps_to_threshold",
+    "learning_phase",
     "mean_std",
     "format_mean_std",
 ]
@@ -110,6 +115,15 @@ def synchronicity(lsm: Sequence[float], acc: Sequence[float]) -> Synchronicity:
     frac, used = same_sign_fraction(dm, da)
     finite = int((np.isfinite(dm) & np.isfinite(da)).sum())
     return Synchronicity(frac, spearman(dm, da), finite, used)
+
+
+def learning_phase(acc: Sequence[float], threshold: float) -> int:
+    """Number of leading log points up to and including the first with ``acc >= threshold``
+    (all points when never reached). Synchronicity over ``series[:k]`` describes the
+    learning phase, before accuracy saturates and its changes become noise."""
+    acc = _as_float_array(acc, "acc")
+    hit = np.flatnonzero(np.isfinite(acc) & (acc >= threshold))
+    return int(hit[0]) + 1 if hit.size else int(acc.size)
 
 
 def steps_to_threshold(steps: Sequence[float], acc: Sequence[float], threshold: float):

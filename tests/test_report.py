@@ -129,6 +129,24 @@ def test_steps_to_threshold():
     assert stats.steps_to_threshold(steps, [0.5, 0.6, 0.7, 0.8], 0.9) is None
 
 
+def test_learning_phase_ends_at_first_point_reaching_threshold():
+    assert stats.learning_phase([0.1, 0.5, 0.95, 0.8, 0.99], 0.9) == 3
+    assert stats.learning_phase([0.1, math.nan, 0.2], 0.9) == 3  # never reached: all points
+    assert stats.learning_phase([0.95, 0.5], 0.9) == 1
+
+
+def test_learning_phase_synchronicity_of_a_run(tmp_path):
+    # in lockstep until acc reaches 0.9 (index 3), then lsm moves against acc
+    acc = [0.2, 0.5, 0.7, 0.92, 0.91, 0.95, 0.93]
+    lsm = [0.6, 0.75, 0.85, 0.96, 0.97, 0.9, 0.98]
+    rows = [{"step": i, "probe/acc": a, "lsm/h": m} for i, (a, m) in enumerate(zip(acc, lsm,
+                                                                                     strict=True))]
+    run = report.load_runs(write_run(tmp_path / "r", rows))[0]
+    whole, early = run.synchronicity()["h"], run.synchronicity(until=0.9)["h"]
+    assert (whole.used, whole.same_sign) == (6, 0.5)
+    assert (early.used, early.same_sign, early.spearman) == (3, 1.0, pytest.approx(1.0))
+
+
 def test_mean_std_and_format_hand_computed():
     mean, std, n = stats.mean_std([1.0, 2.0, 4.0])
     assert mean == pytest.approx(7 / 3) and std == pytest.approx(math.sqrt(7 / 3)) and n == 3
@@ -314,7 +332,8 @@ def test_cli_single_run(tmp_path, capsys):
     run_dir = write_run(tmp_path / "run", lockstep_rows(ACC), overrides=["model=mlp", "seed=0"])
     assert report.main([str(run_dir), "--out", str(tmp_path / "o"), "--threshold", "0.5"]) == 0
     text = capsys.readouterr().out
-    assert "| fc1 | 7 | 7 | 1.000 | 1.000 |" in text
+    # all 7 intervals; learning phase: the 3 intervals up to train/acc 0.55 >= 0.5 (step 30)
+    assert "| fc1 | 7 | 7 | 1.000 | 1.000 | 3 | 1.000 | 1.000 |" in text
     assert "| 30 |" in text or " 30 | " in text  # first train/acc >= 0.5 at step 30
     assert _is_png(tmp_path / "o" / "run_lsm.png") and _is_png(tmp_path / "o" / "run_sync.png")
 
