@@ -44,7 +44,9 @@ class RBM(nn.Module):
         super().__init__()
         self.visible = choice(visible, "visible", VISIBLE)
         self.weight = nn.Parameter(torch.randn(n_hidden, n_visible) * 0.01)
-        self.visible_bias = nn.Parameter(torch.zeros(n_visible))
+        # the visible bias is only used by CD (never by forward), so it is a buffer: no
+        # unused parameter for DDP or the fine-tuning optimizer; it is saved with the model
+        self.register_buffer("visible_bias", torch.zeros(n_visible))
         self.hidden_bias = nn.Parameter(torch.zeros(n_hidden))
         self.act = nn.Sigmoid()
 

@@ -171,6 +171,8 @@ def create_external(
         if name not in available:
             raise ValueError(f"unknown torchvision model {name!r}; available: "
                              f"{', '.join(available)}")
+        if name in ("googlenet", "inception_v3"):
+            kwargs.setdefault("aux_logits", False)  # plain logits in training mode too
         if pretrained:
             kwargs["weights"] = "DEFAULT"
         try:
