@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lsm_train.surrogate as sur
 from lsm_train.surrogate import fisher_directions, soft_md_lsm, soft_pair_score
@@ -77,7 +79,7 @@ def _data(n=30, d=5, K=3, seed=0, shift=1.5, dtype=torch.float64):
     y = torch.arange(n) % K
     H = torch.randn(n, d, generator=g, dtype=dtype)
     H[:, 0] += shift * y.to(dtype)
-    H[:, 1] -= shift * (y == 1).to(dtype)
+    H[:, -1] -= shift * (y == 1).to(dtype)
     return H, y
 
 
@@ -486,6 +488,46 @@ def test_autocast_is_disabled_inside():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert soft_md_lsm(H, y).item() == pytest.approx(ref, rel=1e-6)
         assert soft_pair_score(a, b, H[0], 3.0).item() == pytest.approx(ref_pair, rel=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(4, 12),
+    d=st.integers(1, 6),
+    K=st.integers(2, 3),
+    seed=st.integers(0, 10_000),
+    scale=st.floats(1e-3, 1e3),
+    scheme=st.sampled_from(["pairwise", "ovr"]),
+)
+def test_properties(n, d, K, seed, scale, scheme):
+    H, y = _data(n, d, K=K, seed=seed, shift=0.5)
+    Hg = H.clone().requires_grad_(True)
+    v = soft_md_lsm(Hg, y, 0.5, scheme=scheme)
+    (g,) = torch.autograd.grad(v, Hg)
+    assert 0.0 <= v.item() <= 1.0 and torch.isfinite(g).all()
+    shifted = soft_md_lsm(scale * H - 3.0, y, 0.5, scheme=scheme).item()
+    assert shifted == pytest.approx(v.item(), rel=1e-8, abs=1e-12)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    assert soft_md_lsm(H[perm], y[perm], 0.5, scheme=scheme).item() == pytest.approx(
+        v.item(), rel=1e-9
+    )
+
+
+def test_autograd_keeps_no_pair_matrix():
+    """σ is recomputed in backward: autograd stores O(n·d + d²), not the n_A·n_B pair block."""
+    H, y = _data(600, 4, K=2)
+    H.requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        v = soft_md_lsm(H, y)
+    v.backward()
+    assert torch.isfinite(H.grad).all()
+    assert max(saved) <= 600 * 4 and sum(saved) < 300 * 300 / 2
 
 
 def test_public_export():
