@@ -463,6 +463,10 @@ class Trainer:
             return None
         return save_checkpoint(self.ckpt_path, self.state_dict())
 
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        """Sample order of ``epoch`` (override to shard it, e.g. one slice per DDP rank)."""
+        return epoch_order(len(self.data.train), self.seed, epoch)
+
     # ------------------------------------------------------------------- monitor
     def monitor(self) -> dict[str, float]:
         val_loss, val_acc = evaluate(self.model, self.data.test, self.device, self.eval_batch_size)
@@ -537,14 +541,13 @@ class Trainer:
         t0 = time.perf_counter() - self.elapsed
         status, message = "completed", ""
         signum = None
-        n = len(self.data.train)
         try:
             with _StopFlag() as stop:
                 if self.step == 0 and self.monitor_on:
                     # step 0: the untrained (or only pretrained) network
                     self._log({**self.pretrain_log, **self.monitor()})
                 while self.step < self.total_steps and status == "completed":
-                    order = epoch_order(n, self.seed, self.epoch)
+                    order = self._epoch_order(self.epoch)
                     while self.batch_in_epoch < self.steps_per_epoch:
                         if self.step >= self.total_steps:
                             break
