@@ -196,3 +196,28 @@ def test_evaluate_matches_a_direct_computation():
         logits = model(data.x)
     assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, data.y)), rel=1e-5)
     assert acc == pytest.approx(float((logits.argmax(1) == data.y).float().mean()))
+
+
+def test_sigint_also_checkpoints_and_stops(tmp_path):
+    t = Trainer(small_cfg("lsm=off"), tmp_path)
+    _kill_at_training_forward(t.model, 2, sig=signal.SIGINT)
+    res = t.fit()
+    assert res.status == "interrupted" and res.signum == signal.SIGINT and "SIGINT" in res.message
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_monitor_scores_equal_layer_separability_on_the_captured_features(tmp_path):
+    import lsm_train as lt
+    from lsm_train.trainer import measure_layers
+
+    t = Trainer(small_cfg("lsm=monitor"), tmp_path)
+    x, y = t.probe
+    scores, acc = measure_layers(t.model, x, y, t.layers, holdout=0.5, seed=0, batch_size=20)
+    t.model.eval()
+    with torch.no_grad(), lt.HiddenCapture(t.model, t.layers) as feats:
+        logits = t.model(x)
+    for name in t.layers:
+        expect = lt.layer_separability(feats[name], y, method="degree", holdout=0.5, seed=0)
+        assert scores[name] == pytest.approx(float(expect), abs=1e-6)
+    assert acc == pytest.approx(float((logits.argmax(1) == y).float().mean()))
