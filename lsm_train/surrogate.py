@@ -19,7 +19,7 @@ For two classes A, B of a batch of features H (n × d)::
   direction ŵ as τ → 0. S_τ ∈ (0, 1); it is *not* clipped at 1/2.
 * ``scheme="pairwise"`` averages S_τ over the K(K−1)/2 class pairs (k < l, A = class k);
   ``scheme="ovr"`` averages S_τ(class k, rest) over the K classes (μ_B = mean of the rest).
-* A batch with fewer than two classes returns exactly 1.0, computed as ``H.sum() * 0 + 1`` so
+* A batch with fewer than two classes returns exactly 1.0, computed as ``(H * 0).sum() + 1`` so
   that it is connected to the graph with a zero gradient (never NaN).
 * ``crossfit=True``: 2-fold cross-fitted value (fit ŵ on one half of each class, score the
   pairs of the other half, swap, average), which does not saturate when d >= n.
@@ -207,6 +207,12 @@ class _Layout:
         return (C * (G @ C)).sum(0)
 
 
+def _max_abs(X: torch.Tensor) -> torch.Tensor:
+    """max |X| (detached, > 0). Dividing by it first keeps every sum of squares finite even
+    for huge finite features; S_τ is scale invariant, so treating it as a constant is exact."""
+    return X.detach().abs().amax().clamp_min(torch.finfo(X.dtype).tiny)
+
+
 def _directions(
     H: torch.Tensor, lay: _Layout, scheme: str, shrinkage: float, dual: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -252,10 +258,11 @@ def fisher_directions(
             f"y: expected at least 2 distinct classes, got {lay.K} "
             f"(labels present: {lay.classes.tolist()})"
         )
+    m = _max_abs(X)
     with _full_precision(X.device):
-        _, W, r = _directions(X, lay, scheme, shrinkage)
+        _, W, r = _directions(X / m, lay, scheme, shrinkage)
     tasks = [(k, None if l < 0 else l) for k, l in lay.tasks(scheme)]
-    return lay.combine(W, scheme) * r, tasks, lay.classes
+    return lay.combine(W, scheme) * (r / m), tasks, lay.classes
 
 
 # --------------------------------------------------------------------------- soft counts
@@ -394,7 +401,7 @@ def soft_md_lsm(
     half, swaps and averages the two values; random labels then give about 1/2. Classes with a
     single sample are left out; with fewer than two classes of >= 2 samples the value is 1.0.
 
-    Returns exactly 1.0 (as ``H.sum() * 0 + 1``, zero gradient) when the batch has fewer than
+    Returns exactly 1.0 (as ``(H * 0).sum() + 1``, zero gradient) when the batch has fewer than
     two classes. See the module docstring for the math and the cost.
     """
     tau = check_positive(tau, "tau")
@@ -418,12 +425,12 @@ def _soft_md_lsm(
     dual: bool | None = None,
 ) -> torch.Tensor:
     """Per-task S_τ (T,) on validated input (for benchmarks and per-pair details); a single
-    1.0 (``X.sum() * 0 + 1``) when there are fewer than two classes. ``dual`` forces the
+    1.0 (``(X * 0).sum() + 1``) when there are fewer than two classes. ``dual`` forces the
     solver (None: dual iff d > n)."""
     lay = _Layout(labels)
     if lay.K < 2:
-        return (X.sum() * 0 + 1.0).reshape(1)
-    Hc, W, r = _directions(X, lay, scheme, shrinkage, dual)
+        return ((X * 0).sum() + 1.0).reshape(1)
+    Hc, W, r = _directions(X / _max_abs(X), lay, scheme, shrinkage, dual)
     if detach_directions:
         W, r = W.detach(), r.detach()
     P = Hc @ W
@@ -444,10 +451,11 @@ def _soft_md_lsm_crossfit(
     lay = _Layout(labels)
     big = [k for k in range(lay.K) if lay.counts[k] >= 2]
     if len(big) < 2:
-        return X.sum() * 0 + 1.0
+        return (X * 0).sum() + 1.0
     rank = torch.empty_like(lay.order)  # position of each sample among its class, batch order
     rank[lay.order] = torch.cat([torch.arange(c, device=X.device) for c in lay.counts])
     keep = torch.isin(lay.inverse, torch.tensor(big, device=X.device))
+    X = X / _max_abs(X)
     values = []
     for fold in (0, 1):
         fit = keep & (rank % 2 == fold)

@@ -423,6 +423,10 @@ def test_single_class_batch_is_one_with_zero_grad():
     assert v.item() == 1.0 and v.requires_grad
     v.backward()
     assert torch.equal(H.grad, torch.zeros_like(H))
+    big = torch.full((4, 3), 3e38, requires_grad=True)  # finite, but its sum overflows
+    v = soft_md_lsm(big, [1, 1, 1, 1])
+    v.backward()
+    assert v.item() == 1.0 and torch.equal(big.grad, torch.zeros_like(big))
     one = soft_md_lsm(np.ones((1, 2)), [0])
     assert isinstance(one, torch.Tensor) and one.item() == 1.0
 
@@ -449,6 +453,20 @@ def test_degenerate_and_singleton_classes_are_finite():
         _ref_soft(H.numpy(), y.numpy(), scheme="ovr"),
         rtol=1e-7,
     )
+
+
+@pytest.mark.parametrize("crossfit", [False, True])
+def test_huge_finite_features(crossfit):
+    H, y = _data(24, 6, dtype=torch.float32)
+    ref = soft_md_lsm(H, y, crossfit=crossfit).item()
+    big = (H * 1e37).requires_grad_(True)  # sums of squares overflow float32
+    v = soft_md_lsm(big, y, crossfit=crossfit)
+    v.backward()
+    assert v.item() == pytest.approx(ref, rel=1e-5)
+    assert torch.isfinite(big.grad).all()
+    W, _, _ = fisher_directions(H.double() * 1e3, y)
+    W1, _, _ = fisher_directions(H.double(), y)
+    np.testing.assert_allclose(W.numpy() * 1e3, W1.numpy(), rtol=1e-9)
 
 
 def test_float32_numpy_and_maps():
