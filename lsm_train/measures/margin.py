@@ -296,17 +296,16 @@ def md_lsm_margin(
         return _result(upper, lower, upper, u, it, ta, A, return_bounds)
 
     # no positive lower bound: decide exactly, on the corral rows first (a small LP: if
-    # subsets of A and B are not separable, neither are A and B)
-    rows = [torch.as_tensor(corral.rows[corral.sides == s], device=ta.device) for s in (1, 0)]
-    cert = separability_test(ta[rows[0]], tb[rows[1]])
+    # subsets of A and B are not separable, neither are A and B). The centred, scaled copy
+    # goes to the LP (separability is invariant to both; the LP is better conditioned).
+    rows = [torch.as_tensor(corral.rows[corral.sides == s], device=a.device) for s in (1, 0)]
+    cert = separability_test(a[rows[0]], b[rows[1]])
     if cert.separable:
-        cert = separability_test(ta, tb)
+        cert = separability_test(a, b)
     if not cert.separable:
         return _result(0.0, 0.0, 0.0, None, it, ta, A, return_bounds)
-    w = torch.as_tensor(np.asarray(cert.w) if not isinstance(cert.w, torch.Tensor) else cert.w)
-    w = w.to(device=ta.device, dtype=torch.float64)
-    w = w / w.norm()
-    lo = float((ta.double() @ w).min() - (tb.double() @ w).max())
+    w = cert.w / cert.w.norm()
+    lo = float((a @ w).min() - (b @ w).max()) * scale
     if lo > lower:
         lower, u = lo, w.cpu().numpy()
     upper = max(upper, lower)
