@@ -154,6 +154,9 @@ def test_long_lived_capture_updates_each_forward_and_remove_is_idempotent():
     assert len(cap) == 0
     cap.remove()
     assert "removed" in repr(cap)
+    with cap as feats:  # entering again re-registers the hooks
+        model(x)
+    assert feats is cap.features and "stem" in feats and n_hooks(model) == 0
 
 
 def test_detach_flag_controls_the_graph():
