@@ -193,7 +193,11 @@ def test_deterministic_given_seed():
 def test_candidates_only_is_a_lower_bound_of_refined():
     g = torch.Generator().manual_seed(6)
     A, B = torch.randn(100, 5, generator=g) ** 3, torch.randn(90, 5, generator=g) ** 3 + 0.5
-    assert lt.md_lsm(A, B, max_iter=0, certify=False) <= lt.md_lsm(A, B, certify=False)
+    base = lt.md_lsm(A, B, max_iter=0, certify=False)
+    assert base <= lt.md_lsm(A, B, certify=False)
+    # subsample < |A|: every ascent step draws fresh rows (stochastic ascent), still seeded
+    small = lt.md_lsm(A, B, certify=False, subsample=16, seed=2)
+    assert base <= small == lt.md_lsm(A, B, certify=False, subsample=16, seed=2)
 
 
 # ------------------------------------------------------------------------- properties

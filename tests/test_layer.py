@@ -48,11 +48,14 @@ def blobs(n_per, k, d, spread, seed=0):
 # ---------------------------------------------------------------------------- degree
 
 
+@pytest.mark.parametrize("subsample", [128, 8])  # 8: the stochastic (resampled) ascent
 @pytest.mark.parametrize("scheme", ["pairwise", "ovr"])
-def test_degree_pairs_are_lower_bounds_close_to_exact_2d(scheme):
+def test_degree_pairs_are_lower_bounds_close_to_exact_2d(scheme, subsample):
     H, y = blobs(25, 4, 2, 1.5, seed=1)
     y = np.array([0, 3, 5, 7])[y]  # arbitrary non-contiguous labels
-    score, det = lt.layer_separability(H, y, scheme=scheme, return_details=True)
+    score, det = lt.layer_separability(H, y, scheme=scheme, return_details=True,
+                                       subsample=subsample)
+    assert lt.layer_separability(H, y, scheme=scheme, subsample=subsample) == score
     assert det["classes"] == [0, 3, 5, 7]
     expected_keys = ([(i, j) for n, i in enumerate(det["classes"]) for j in det["classes"][n + 1:]]
                      if scheme == "pairwise" else [(c, "rest") for c in det["classes"]])

@@ -229,33 +229,33 @@ def _reduce_rows(X: torch.Tensor) -> tuple[torch.Tensor, Any]:
     return xr, to_full
 
 
-def _subsample(P: _Problems, m: int, gen: torch.Generator):
-    """At most m rows per side of each problem (seeded), padded: (idx, mask) for A and B."""
-    out = []
-    for idx, mask, cnt in ((P.ia, P.ma, P.na), (P.ib, P.mb, P.nb)):
-        K = idx.shape[0]
-        size = min(m, idx.shape[1])
-        keys = torch.rand(K, idx.shape[1], generator=gen).to(idx.device)
-        keys = keys.masked_fill(~mask, 2.0)  # padding sorts last
-        order = torch.argsort(keys, dim=1)[:, :size]
-        out.append(torch.gather(idx, 1, order))
-        out.append(torch.arange(size, device=idx.device)[None, :] < cnt.clamp(max=size)[:, None])
-    return out
+def _sample_rows(idx: torch.Tensor, cnt: torch.Tensor, m: int, gen: torch.Generator):
+    """m rows per problem drawn uniformly with replacement from its cnt real rows."""
+    u = torch.rand(idx.shape[0], m, generator=gen, dtype=torch.float64).to(idx.device)
+    pos = (u * cnt[:, None]).long().clamp_max(cnt[:, None] - 1)
+    return torch.gather(idx, 1, pos)
 
 
 def _ascend(
     x: torch.Tensor, L: torch.Tensor, V0: torch.Tensor, P: _Problems, *, max_iter: int,
     subsample: int, gen: torch.Generator, n_checkpoints: int,
 ) -> torch.Tensor:
-    """Adam ascent on the soft AUC (falling temperature) of the columns of V0 (K, r, S) in the
-    rows x whitened by L (x -> L⁻¹x). Returns iterates (K, r, S·n_checkpoints), whitened."""
-    ia, ma, ib, mb = _subsample(P, subsample, gen)
-    rows = torch.unique(torch.cat([ia.reshape(-1), ib.reshape(-1)]))
-    pos = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    pos[rows] = torch.arange(rows.numel(), device=x.device)
-    xw = torch.linalg.solve_triangular(L, x[rows].T, upper=False).T.float()
-    xa = xw[pos[ia]]  # (K, mA, r)
-    xb = xw[pos[ib]]
+    """Adam ascent on the soft AUC (falling temperature) of the columns of V0 (K, r, S),
+    directions in coordinates whitened by L: w = L⁻ᵀv, so w·x = v·(L⁻¹x).
+
+    A problem whose sides both have at most ``subsample`` rows uses all of its pairs at every
+    step. Otherwise every step draws a fresh sample of ``subsample`` rows per side (with
+    replacement): a stochastic ascent on the soft AUC of *all* pairs, which does not overfit
+    one fixed subsample when d is large. Returns iterates (K, r, S·n_checkpoints), whitened.
+    """
+    K, r = V0.shape[0], V0.shape[1]
+    x32, L32 = x.float(), L.float()
+    full = P.ia.shape[1] <= subsample and P.ib.shape[1] <= subsample
+    if full:
+        ma, mb = P.ma, P.mb
+        xa, xb = x32[P.ia], x32[P.ib]  # (K, m, r)
+    else:
+        ma = mb = torch.ones(K, subsample, dtype=torch.bool, device=x.device)
     fa, fb = ma.float()[:, None, :], mb.float()[:, None, :]  # (K, 1, m)
     na, nb = fa.sum(2, keepdim=True), fb.sum(2, keepdim=True)  # (K, 1, 1)
     pad_a, pad_b = ~ma[:, None, :], ~mb[:, None, :]
@@ -266,8 +266,16 @@ def _ascend(
     iterates = []
     for t in range(max_iter):
         tau = _TAU0 * (_TAU1 / _TAU0) ** (t / max(max_iter - 1, 1))
+        if not full:
+            rows = torch.cat([_sample_rows(P.ia, P.na, subsample, gen),
+                              _sample_rows(P.ib, P.nb, subsample, gen)], dim=1)
+            xa, xb = x32.index_select(0, rows.reshape(-1)).view(K, 2 * subsample, r).split(
+                subsample, dim=1)
         norm = V.norm(dim=2, keepdim=True).clamp_min(1e-30)
-        Wn = V / norm
+        Vn = V / norm
+        S = Vn.shape[1]
+        Wn = torch.linalg.solve_triangular(L32.T, Vn.reshape(-1, r).T, upper=True)
+        Wn = Wn.T.reshape(K, S, r)  # w = L⁻ᵀv
         sa, sb = Wn @ xa.transpose(1, 2), Wn @ xb.transpose(1, 2)  # (K, S, m)
         mua = (sa * fa).sum(2, keepdim=True) / na
         mub = (sb * fb).sum(2, keepdim=True) / nb
@@ -282,8 +290,10 @@ def _ascend(
         scale = 0.25 * inv / (na * nb)
         ga = (xb.shape[1] - q.sum(3)) * scale  # (K, S, mA): d soft / d sa
         gb = -(xa.shape[1] - q.sum(2)) * scale  # (K, S, mB)
-        g = ga @ xa + gb @ xb  # (K, S, r) wrt Wn
-        g = (g - Wn * (Wn * g).sum(2, keepdim=True)) / norm  # through the normalization
+        g = ga @ xa + gb @ xb  # (K, S, r) wrt w
+        g = torch.linalg.solve_triangular(L32, g.reshape(-1, r).T, upper=False)
+        g = g.T.reshape(K, S, r)  # wrt v: L⁻¹ g
+        g = (g - Vn * (Vn * g).sum(2, keepdim=True)) / norm  # through the normalization
         # Adam, ascending
         m1.mul_(b1).add_(g, alpha=1 - b1)
         m2.mul_(b2).addcmul_(g, g, value=1 - b2)
