@@ -15,7 +15,7 @@ from lsm_train.models import FAMILIES, create_model, list_models, model_options,
 from lsm_train.models.external import match_modules
 from lsm_train.models.registry import register_model
 
-SHAPES = [(1, 8), (1, 28), (3, 32)]
+SHAPES = [(c, s) for c in (1, 3) for s in (8, 28, 32)]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -254,9 +254,10 @@ def test_register_model_rules(monkeypatch):
         create_model("_test_no_hidden")
 
 
-def test_hidden_capture_integration():
+@pytest.mark.parametrize("name", FAMILIES)
+def test_hidden_capture_integration(name):
     capture_mod = pytest.importorskip("lsm_train.capture")
-    model = create_model("resnet")
+    model = create_model(name)
     with capture_mod.HiddenCapture(model, model.hidden_layers) as feats:
         model(torch.rand(2, 1, 8, 8))
     assert list(feats) == model.hidden_layers
