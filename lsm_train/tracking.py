@@ -106,7 +106,6 @@ class Tracker:
                 resume="allow" if cfg.get("id") else None,
                 dir=str(wandb_dir),
                 config=cfg.get("config"),
-                reinit="finish_previous",
             )
             self.run.define_metric("step")
             self.run.define_metric("*", step_metric="step")
