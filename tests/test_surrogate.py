@@ -338,10 +338,11 @@ def test_gradcheck(n, d, scheme):
     assert torch.autograd.gradcheck(lambda h: soft_md_lsm(h, y, tau=0.8, scheme=scheme), (H,))
 
 
-def test_double_backward():
-    H, y = _data(7, 3, shift=0.5)
+@pytest.mark.parametrize("n,d", [(7, 3), (5, 7)])  # primal and dual
+def test_double_backward(n, d):
+    H, y = _data(n, d, shift=0.5)
     H.requires_grad_(True)
-    assert torch.autograd.gradgradcheck(lambda h: soft_md_lsm(h, y, tau=0.8), (H,))
+    assert torch.autograd.gradgradcheck(lambda h: soft_md_lsm(h, y, tau=3.0), (H,))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
