@@ -220,6 +220,9 @@ def test_unknown_option_lists_accepted_options():
     ("mlp", dict(image_size=(8,)), "image_size"),
     ("mlp", dict(image_size="8"), "image_size"),
     ("mlp", dict(image_size=True), "image_size"),
+    ("mlp", dict(image_size=float("nan")), "image_size"),
+    ("mlp", dict(width=float("inf")), "width"),
+    ("googlenet", dict(width=float("inf")), "width"),
     ("cnn", dict(channels=[]), "channels"),
     ("cnn", dict(pool="median"), "pool: expected one of"),
     ("cnn", dict(kernel_size=4), "odd"),
@@ -369,6 +372,13 @@ def test_real_torchvision_resnet18():
     assert model.hidden_layers[:2] == ["layer1.0", "layer1.1"] and len(model.hidden_layers) == 8
     y, seen = capture(model, torch.rand(2, 1, 28, 28))
     assert y.shape == (2, 10) and all(len(v) == 1 for v in seen.values())
+
+
+def test_numpy_integers_are_accepted():
+    np = pytest.importorskip("numpy")
+    model = create_model("cnn", num_classes=np.int64(3), image_size=(np.int32(8), 8),
+                         channels=np.array([4, 8]))
+    assert model(torch.rand(2, 1, 8, 8)).shape == (2, 3)
 
 
 def test_hydra_list_configs_are_accepted():

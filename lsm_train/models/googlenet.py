@@ -15,6 +15,8 @@ Defaults (``width=0.25, depth=3``) are the CPU size; GPU scale is ``width=1.0, d
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections import OrderedDict
 
 import torch
@@ -101,7 +103,7 @@ def googlenet(
     depth = positive_int(depth, "depth")
     if not 2 <= depth <= len(CONFIG):
         raise ValueError(f"depth: expected 2..{len(CONFIG)} inception modules, got {depth}")
-    if isinstance(width, bool) or not isinstance(width, int | float) or not width > 0:
+    if isinstance(width, bool) or not isinstance(width, numbers.Real) or not 0 < width < math.inf:
         raise ValueError(f"width: expected a positive number (branch scale), got {width!r}")
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")

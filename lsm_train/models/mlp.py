@@ -9,6 +9,7 @@ module, so a forward hook sees the post-activation output).
 
 from __future__ import annotations
 
+import numbers
 from collections import OrderedDict
 from typing import Any
 
@@ -63,7 +64,7 @@ class MLP(nn.Module):
 
 def widths_from(width: Any, depth: int | None, name: str = "width") -> list[int]:
     """Per-layer widths from an int ``width`` x ``depth`` or a list ``width``."""
-    if isinstance(width, int | float) and not isinstance(width, bool):
+    if isinstance(width, numbers.Real) and not isinstance(width, bool):
         return [positive_int(width, name)] * positive_int(2 if depth is None else depth, "depth")
     widths = int_list(width, name)
     if depth is not None and positive_int(depth, "depth") != len(widths):

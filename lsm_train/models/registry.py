@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch.nn as nn
 
 __all__ = [
@@ -85,15 +88,20 @@ def _builder(name: str) -> Callable[..., nn.Module]:
 
 
 def positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    if value < 1:
+    """``value`` as an int >= 1 (integral floats and numpy integers accepted)."""
+    ok = (
+        isinstance(value, numbers.Real) and not isinstance(value, bool)
+        and math.isfinite(value) and int(value) == value and value >= 1
+    )
+    if not ok:
         raise ValueError(f"{name}: expected a positive integer, got {value!r}")
     return int(value)
 
 
 def int_list(value: Any, name: str, *, allow_empty: bool = False) -> list[int]:
-    """A list of positive ints from a list/tuple (or Hydra ListConfig)."""
+    """A list of positive ints from a list/tuple, 1-D array or Hydra ListConfig."""
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        value = value.tolist()
     if isinstance(value, Sequence) and not isinstance(value, str):
         vals = [positive_int(v, f"{name}[{i}]") for i, v in enumerate(value)]
         if vals or allow_empty:
@@ -110,7 +118,7 @@ def choice(value: Any, name: str, options: Sequence[str]) -> str:
 
 def image_hw(image_size: Any) -> tuple[int, int]:
     """``image_size`` as ``(h, w)``: an int ``s`` means ``(s, s)``; a pair is taken as is."""
-    if isinstance(image_size, int | float) and not isinstance(image_size, bool):
+    if isinstance(image_size, numbers.Real) and not isinstance(image_size, bool):
         s = positive_int(image_size, "image_size")
         return s, s
     if isinstance(image_size, Sequence) and not isinstance(image_size, str):
