@@ -319,17 +319,20 @@ class SeparabilityGuard(torch.optim.Optimizer):
                     module(x)
                 for name in self.layer_names:
                     H = feats[name]
-                    if not bool(torch.isfinite(H).all()):
-                        values.append(torch.tensor(math.nan, dtype=torch.float64))
-                        continue
-                    v = fn(H, y, self.tau)
+                    try:
+                        v = fn(H, y, self.tau)
+                    except ValueError:  # the measures reject non-finite features
+                        if bool(torch.isfinite(H).all()):
+                            raise
+                        v = math.nan
                     if not isinstance(v, torch.Tensor):
                         v = torch.tensor(v, dtype=torch.float64)
                     values.append(v.detach().to(torch.float64).reshape(()))
         finally:
             for m, training in flags:
                 m.training = training
-        scores = torch.stack([v.to(self._device()) for v in values])
+        device = self._device()
+        scores = torch.stack([v.to(device) for v in values])
         scores = self._all_reduce_mean(scores)
         scores = scores.cpu().tolist()
         self.last_layer_scores = dict(zip(self.layer_names, scores, strict=True))
@@ -399,7 +402,8 @@ class SeparabilityGuard(torch.optim.Optimizer):
 
     def _snapshot(self) -> None:
         src, dst = [], []
-        for p in self._params():
+        params = self._params()
+        for p in params:
             src.append(p)
             dst.append(self._buffer_for(("param", id(p)), p))
         saved_state = {}
@@ -416,7 +420,7 @@ class SeparabilityGuard(torch.optim.Optimizer):
             saved_state[owner] = saved
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         _copy_all(dst, src)
-        n = len(self._params())
+        n = len(params)
         self._saved = (list(zip(src[:n], dst[:n], strict=True)), saved_state, groups)
 
     def _restore(self) -> None:
@@ -544,7 +548,6 @@ class SeparabilityGuard(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("step", None)  # an LR scheduler's per-instance wrapper (holds a weakref)
-        state.pop("_opt_called", None)
         state["_buffers"] = {}
         state["_saved"] = None
         state["_cache"] = None
