@@ -221,3 +221,40 @@ def test_monitor_scores_equal_layer_separability_on_the_captured_features(tmp_pa
         expect = lt.layer_separability(feats[name], y, method="degree", holdout=0.5, seed=0)
         assert scores[name] == pytest.approx(float(expect), abs=1e-6)
     assert acc == pytest.approx(float((logits.argmax(1) == y).float().mean()))
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    from lsm_train import checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    real_save = torch.save
+
+    def crash_midway(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    state = checkpoint.load_checkpoint(path)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+    checkpoint.save_checkpoint(path, {"step": 3})
+    assert checkpoint.load_checkpoint(path)["step"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # the partial file moved
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        checkpoint.load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_rng_state_roundtrip():
+    import random
+
+    import numpy as np
+
+    from lsm_train.checkpoint import rng_state, set_rng_state
+
+    state = rng_state()
+    a = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    set_rng_state(state)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == a
