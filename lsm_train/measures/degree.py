@@ -15,10 +15,13 @@ A, B are strictly separable:
 1. Candidates: shrinkage-LDA w ∝ Σ_α⁻¹(μ_A − μ_B), Σ_α = (1 − α)Σ + α·(tr Σ / d)·I (Σ the
    pooled within-class covariance) for several α (α = 1 is the mean difference), plus a few
    seeded random directions; both signs.
-2. Refinement: from the best candidates, gradient ascent on the soft AUC
+2. Refinement: from the best candidates, Adam ascent on the soft AUC
    mean σ(w·(a − b) / (τ·s_w)) (s_w the within-class std of the projections) with the
-   temperature τ falling geometrically from 1 to 0.02, in coordinates whitened by Σ_0.1,
-   on a seeded subsample of at most ``subsample`` points per set (all pairs among them).
+   temperature τ falling geometrically from 1 to 0.02, in coordinates whitened by Σ_0.1
+   (w = L⁻ᵀv, Σ_0.1 = LLᵀ). Sets of at most ``subsample`` points use all pairs at every
+   step; larger ones draw a fresh seeded sample of ``subsample`` points per set every step
+   (a stochastic ascent on the soft AUC of all pairs). Cost per step O(subsample·d + d² +
+   subsample²) per start.
 3. Every candidate and several iterates of the ascent are scored exactly on *all* points;
    the best one is returned, with its exact AUC.
 4. If that AUC is 1, A and B are separable. Otherwise the exact LP test

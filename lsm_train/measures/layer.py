@@ -16,9 +16,10 @@ within-class covariance is pooled over all K classes and factorized once per lay
 when d <= n; when d > n everything runs in the span of the centred features via the n × n
 Gram matrix, never a d × d matrix); the candidate directions (shrinkage-LDA with α = 1e-6
 and 0.1, mean difference) of every problem are scored exactly, the best one is refined by a
-batched soft-AUC ascent on at most ``subsample`` points per side, and the best direction
-per problem is scored exactly on *all* its points. Each value is therefore the exact AUC
-of a concrete direction — a lower bound on m — and 1.0 only when that direction strictly
+batched soft-AUC ascent (``max_iter`` steps, each on a fresh sample of ``subsample`` points
+per side), and the best direction per problem is scored exactly on *all* its points.
+Each value is therefore the exact AUC of a concrete direction — a lower bound on m — and
+1.0 only when that direction strictly
 separates the pair (no LP is run here; use ``md_lsm(..., certify=True)`` on a pair to decide
 separability exactly).
 
