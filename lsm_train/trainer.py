@@ -25,6 +25,7 @@ import math
 import random
 import signal
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +101,12 @@ def resolve_device(device: str | None = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU; otherwise ``torch.device(device)``."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"trainer.device={device}: CUDA is not available here; use trainer.device=auto or cpu"
+        )
+    return dev
 
 
 def seed_everything(seed: int) -> None:
@@ -192,12 +198,15 @@ def measure_layers(
                 feats[name].append(captured[name].float().cpu())
     model.train(was_training)
     yc = y.cpu()
-    scores = {
-        name: float(
-            layer_separability(torch.cat(parts), yc, method=method, holdout=holdout, seed=seed)
-        )
-        for name, parts in feats.items()
-    }
+    scores = {}
+    for name, parts in feats.items():
+        try:
+            scores[name] = float(
+                layer_separability(torch.cat(parts), yc, method=method, holdout=holdout, seed=seed)
+            )
+        except ValueError as err:  # e.g. a probe too small to cross-fit: log null, go on
+            warnings.warn(f"MD-LSM of {name} not computed: {err}", RuntimeWarning, stacklevel=2)
+            scores[name] = float("nan")
     return scores, correct / max(1, x.shape[0])
 
 
@@ -480,9 +489,12 @@ class Trainer:
             out["probe/acc"] = probe_acc
             out.update({f"lsm/{k}": v for k, v in lsm.items()})
             out.update({f"val_lsm/{k}": v for k, v in val_lsm.items()})
-            out["lsm/mean"] = float(np.mean(list(lsm.values())))
-            out["val_lsm/mean"] = float(np.mean(list(val_lsm.values())))
-            self.history_lsm_mean = out["lsm/mean"]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN mean -> NaN
+                out["lsm/mean"] = float(np.nanmean(list(lsm.values())))
+                out["val_lsm/mean"] = float(np.nanmean(list(val_lsm.values())))
+            if math.isfinite(out["lsm/mean"]):
+                self.history_lsm_mean = out["lsm/mean"]
         return out
 
     def _train_metrics(self) -> dict[str, float]:

@@ -289,3 +289,31 @@ def test_bad_value_on_the_command_line_exits_2_with_a_message(tmp_path):
     assert "lsm-train: error: invalid configuration" in proc.stderr
     assert "lsm.loss.weight: expected a number >= 0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_mnist_and_cifar10_files_run_through_the_app(tmp_path):
+    from test_data import make_cifar, make_mnist
+
+    make_mnist(tmp_path / "data", n_train=40, n_test=10)
+    cfg = compose(["recipe=zoo/cnn-digits", "data=mnist", f"data.root={tmp_path / 'data'}",
+                   "debug=smoke", "data.batch_size=8", *FAST])
+    with pytest.warns(RuntimeWarning, match="cross-fitting needs at least 2 classes"):
+        res = train_from_config(cfg, tmp_path / "mnist", recipe="zoo/cnn-digits")
+    assert res.status == "completed" and res.step == 3
+    last = read_metrics(tmp_path / "mnist")[-1]
+    # 10 test images, one per class: too few to cross-fit, logged as null, training goes on
+    assert last["val_lsm/fc.act"] is None and last["lsm/fc.act"] is not None
+    make_cifar(tmp_path / "data", per_batch=8, n_test=8)
+    cfg = compose(["recipe=zoo/resnet-digits", "data=cifar10", f"data.root={tmp_path / 'data'}",
+                   "data.augment=true", "debug=smoke", "data.batch_size=8", *FAST])
+    res = train_from_config(cfg, tmp_path / "cifar", recipe="zoo/resnet-digits")
+    assert res.status == "completed" and res.step == 3
+
+
+def test_cuda_requested_without_cuda_is_a_clear_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        train_from_config(compose(["trainer=gpu", *FAST]), tmp_path)
