@@ -72,119 +72,150 @@ class MarginResult:
 class _Corral:
     """Wolfe's corral: rows z_i (a row of A, or −(a row of B)) with convex weights per side,
     M = Z Zᵀ + E Eᵀ (E the side indicators: M_ij = z_i·z_j + [side_i = side_j]) and its
-    lower Cholesky factor L. M is positive definite iff the corral is affinely independent
-    (its affine hull, with Σα = Σβ = 1, has dimension s − 2). Small dense algebra runs on
-    the CPU in float64 numpy, in buffers that grow by doubling; dropping rows refactors only
-    the trailing block of L (a Schur complement)."""
+    lower Cholesky factor L. M is positive definite iff the rows are affinely independent in
+    the sense of conv(A) − conv(B) (affine hull of dimension s − 2).
 
-    def __init__(self, za: np.ndarray, ia: int, zb: np.ndarray, ib: int, cap: int = 64):
-        d = za.shape[0]
-        self.Z, self.M = np.zeros((cap, d)), np.zeros((cap, cap))
-        self.side, self.idx = np.zeros(cap, dtype=bool), np.zeros(cap, dtype=np.int64)
-        self.s = 2
-        self.Z[:2] = za, -zb
-        self.side[0], self.idx[:2] = True, (ia, ib)
-        self.M[:2, :2] = self.Z[:2] @ self.Z[:2].T + np.eye(2)
-        self.L = np.linalg.cholesky(self.M[:2, :2])  # contiguous s × s (fast solves)
+    Dropping is lazy: a dropped row keeps its place in L with weight 0 and the affine
+    minimiser is taken under the extra constraints w_D = 0, through the cached columns
+    K = M⁻¹[E, I_D] (updated in O(s·|K|) when a row is appended, by the bordered-inverse
+    formula); the factor is compacted only when |D| exceeds ``lazy``. A dropped row that the
+    oracle picks again is simply re-activated. Small dense algebra on the CPU, float64."""
+
+    def __init__(self, za: np.ndarray, ia: int, zb: np.ndarray, ib: int, lazy: int = 48):
+        self.lazy = lazy
+        self.Z = np.stack([za, -zb])
+        self.side = np.array([True, False])  # True: a row of A
+        self.idx = np.array([ia, ib], dtype=np.int64)
+        self.dropped = np.zeros(2, dtype=bool)
         self.v = np.ones(2)
+        self.M = self.Z @ self.Z.T + np.eye(2)
+        self._factor()
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def s(self) -> int:
+        return len(self.v)
 
     @property
     def z(self) -> np.ndarray:
-        return self.Z[: self.s]
+        return self.Z
 
     @property
     def sides(self) -> np.ndarray:
-        return self.side[: self.s]
+        return self.side
 
     @property
     def rows(self) -> np.ndarray:
-        return self.idx[: self.s]
+        return self.idx
 
     @property
     def x(self) -> np.ndarray:
-        return self.v @ self.z
+        return self.v @ self.Z
 
-    def contains(self, side: bool, i: int) -> bool:
-        return bool(np.any((self.sides == side) & (self.rows == i)))
+    def find(self, side: bool, i: int) -> int:
+        hit = np.flatnonzero((self.side == side) & (self.idx == i))
+        return int(hit[0]) if len(hit) else -1
 
-    def _grow(self) -> None:
-        cap = 2 * self.Z.shape[0]
-        for name in ("Z", "side", "idx"):
-            old = getattr(self, name)
-            new = np.zeros((cap,) + old.shape[1:], dtype=old.dtype)
-            new[: self.s] = old[: self.s]
-            setattr(self, name, new)
-        new = np.zeros((cap, cap))
-        new[: self.s, : self.s] = self.M[: self.s, : self.s]
-        self.M = new
+    def _solve(self, R: np.ndarray) -> np.ndarray:
+        Y = solve_triangular(self.L, R, lower=True, check_finite=False)
+        return solve_triangular(self.L, Y, lower=True, trans="T", check_finite=False)
 
+    def _factor(self) -> None:
+        self.L = np.linalg.cholesky(self.M)
+        E = np.stack([self.side, ~self.side], 1).astype(np.float64)
+        self.K = self._solve(E)  # M⁻¹ E; columns M⁻¹ e_j of dropped rows follow
+        self.D: list[int] = []
+
+    # ------------------------------------------------------------------ changes
     def append(self, z: np.ndarray, side: bool, i: int) -> bool:
         """Add a row with weight 0; False if it lies (numerically) in the affine hull."""
         s = self.s
-        m = self.z @ z + (self.sides == side)
+        m = self.Z @ z + (self.side == side)
         mnn = z @ z + 1.0
         lrow = solve_triangular(self.L, m, lower=True, check_finite=False)
         piv = mnn - lrow @ lrow
         if piv <= 1e-12 * mnn:
-            return False
-        if s == self.Z.shape[0]:
-            self._grow()
-        self.Z[s], self.side[s], self.idx[s] = z, side, i
-        self.M[s, :s], self.M[:s, s], self.M[s, s] = m, m, mnn
+            if not self.D:
+                return False
+            self._compact()  # it may only depend on dropped rows
+            return self.append(z, side, i)
+        q = solve_triangular(self.L, lrow, lower=True, trans="T", check_finite=False)  # M⁻¹m
+        # bordered inverse: M'⁻¹[r; ρ] = [M⁻¹r + q·(qᵀr − ρ)/piv; (ρ − qᵀr)/piv], where ρ is
+        # the new row's entry of E (its side) and 0 for the e_j columns
+        t = m @ self.K
+        t[int(not side)] -= 1.0
+        self.K = np.vstack([self.K + np.outer(q, t / piv), -t / piv])
         L = np.zeros((s + 1, s + 1))
         L[:s, :s], L[s, :s], L[s, s] = self.L, lrow, np.sqrt(piv)
-        self.L = L
+        M = np.empty((s + 1, s + 1))
+        M[:s, :s], M[s, :s], M[:s, s], M[s, s] = self.M, m, m, mnn
+        self.L, self.M = L, M
+        self.Z = np.vstack([self.Z, z])
+        self.side = np.append(self.side, side)
+        self.idx = np.append(self.idx, i)
+        self.dropped = np.append(self.dropped, False)
         self.v = np.append(self.v, 0.0)
-        self.s = s + 1
         return True
 
-    def _drop(self, keep: np.ndarray) -> None:
-        """Remove rows (keep False); refactor L from the first removed row on."""
-        k0 = int(np.argmin(keep))
-        idx = np.flatnonzero(keep)
-        s, t = len(idx), idx[k0:]
-        self.Z[k0:s] = self.Z[t]
-        self.side[k0:s], self.idx[k0:s] = self.side[t], self.idx[t]
-        self.M[k0:s, :s] = self.M[np.ix_(t, idx)]
-        self.M[:k0, k0:s] = self.M[k0:s, :k0].T
-        L = np.zeros((s, s))
-        L[:k0, :k0] = self.L[:k0, :k0]
-        L[k0:, :k0] = L21 = self.L[t, :k0]
-        L[k0:, k0:] = np.linalg.cholesky(self.M[k0:s, k0:s] - L21 @ L21.T)
-        self.L = L
-        self.s = s
+    def undrop(self, j: int) -> None:
+        k = self.D.index(j)
+        self.D.pop(k)
+        self.K = np.delete(self.K, 2 + k, axis=1)
+        self.dropped[j] = False
 
+    def _drop(self, js: np.ndarray) -> None:
+        e = np.zeros((self.s, len(js)))
+        e[js, np.arange(len(js))] = 1.0
+        self.K = np.hstack([self.K, self._solve(e)])
+        self.D += [int(j) for j in js]
+        self.dropped[js] = True
+        self.v[js] = 0.0
+        if len(self.D) > self.lazy:
+            self._compact()
+
+    def _compact(self) -> None:
+        keep = ~self.dropped
+        self.Z, self.side, self.idx = self.Z[keep], self.side[keep], self.idx[keep]
+        self.v, self.dropped = self.v[keep], self.dropped[keep]
+        self.M = self.M[np.ix_(keep, keep)]
+        self._factor()
+
+    # ------------------------------------------------------------------ minimisation
     def _affine_min(self) -> np.ndarray:
-        """Weights of the min-norm point of the affine hull: M w = E μ with Eᵀw = (1, 1)."""
-        on = self.sides
-        E = np.stack([on, ~on], 1).astype(np.float64)
-        Y = solve_triangular(self.L, E, lower=True, check_finite=False)
-        P = solve_triangular(self.L, Y, lower=True, trans="T", check_finite=False)
-        return P @ np.linalg.solve(E.T @ P, np.ones(2))
+        """Min-norm point of the affine hull of the active rows: w = K γ with Eᵀw = (1, 1)
+        and w_D = 0 (a (2 + |D|)-dimensional symmetric system)."""
+        E = np.stack([self.side, ~self.side], 1).astype(np.float64)
+        C = np.vstack([E.T @ self.K, self.K[self.D]])
+        rhs = np.zeros(C.shape[0])
+        rhs[:2] = 1.0
+        w = self.K @ np.linalg.solve(C, rhs)
+        w[self.D] = 0.0
+        return w
 
     def minimise(self) -> None:
         """Minor cycles: go to the affine minimiser, dropping rows whose weight reaches 0
         (the norm decreases along the way)."""
         while True:
             w = self._affine_min()
-            neg = w <= 0
+            neg = (w <= 0) & ~self.dropped
             if not neg.any():
-                self.v = w
+                self.v = np.where(self.dropped, 0.0, w)
                 return
             dv = self.v - w
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.where(neg & (dv > 0), self.v / dv, np.inf)
             theta = min(max(float(ratio.min()), 0.0), 1.0)
             v = self.v + theta * (w - self.v)
-            keep = ~(neg & (v <= 1e-14 * v.max()))  # rows that hit 0 on the way leave
-            keep[int(ratio.argmin())] = False
-            on = self.sides
+            out = neg & (v <= 1e-14 * v.max())  # rows that hit 0 on the way leave
+            out[int(ratio.argmin())] = True
             for side in (True, False):  # a side never empties (its weights sum to 1)
-                if not (keep & (on == side)).any():
-                    keep[int(np.where(on == side, v, -np.inf).argmax())] = True
-            v, on = np.clip(v[keep], 0.0, None), on[keep]
+                live = (self.side == side) & ~self.dropped
+                if not (live & ~out).any():
+                    out[int(np.where(live, v, -np.inf).argmax())] = False
+            v = np.where(out | self.dropped, 0.0, np.clip(v, 0.0, None))
+            on = self.side
             self.v = np.where(on, v / v[on].sum(), v / v[~on].sum())
-            self._drop(keep)
+            self._drop(np.flatnonzero(out))
 
 
 def _wolfe(
@@ -229,7 +260,11 @@ def _wolfe(
             for viol, side, i, z in cand:
                 if viol >= -eps or added >= bulk:
                     break
-                if not corral.contains(side, i) and corral.append(z, side, i):
+                j = corral.find(side, i)
+                if j >= 0 and corral.dropped[j]:
+                    corral.undrop(j)
+                    added += 1
+                elif j < 0 and corral.append(z, side, i):
                     added += 1
         if added:
             it += 1
