@@ -299,6 +299,12 @@ def test_shared_point_is_never_separable():
     B3[0] = A3[0]
     assert not lp_separable(A3, B3)
     assert lt.md_lsm(A3, B3) == lt.md_lsm(A3, B3, certify=False) < 1.0
+    # wide (dual path, LP runs): the shared row is a tie however the rows are laid out
+    A5, B5 = rng.normal(size=(31, 513)), rng.normal(size=(17, 513)) + 0.5
+    B5[9] = A5[22]
+    value, w = lt.md_lsm(A5, B5, return_direction=True)
+    assert value == auc_of_direction(A5, B5, w)
+    assert value <= 1 - 0.5 / (31 * 17)  # the shared pair counts 1/2 at most
 
 
 def test_identical_sets_and_single_points():
