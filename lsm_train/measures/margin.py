@@ -83,12 +83,14 @@ class _Corral:
 
     def __init__(self, za: np.ndarray, ia: int, zb: np.ndarray, ib: int, lazy: int = 48):
         self.lazy = lazy
-        self.Z = np.stack([za, -zb])
+        self._Z = np.zeros((64, za.shape[0]))  # buffers that grow by doubling
+        self._M = np.zeros((64, 64))
+        self._Z[:2] = za, -zb
         self.side = np.array([True, False])  # True: a row of A
         self.idx = np.array([ia, ib], dtype=np.int64)
         self.dropped = np.zeros(2, dtype=bool)
         self.v = np.ones(2)
-        self.M = self.Z @ self.Z.T + np.eye(2)
+        self._M[:2, :2] = self.z @ self.z.T + np.eye(2)
         self._factor()
 
     # ------------------------------------------------------------------ bookkeeping
@@ -98,7 +100,11 @@ class _Corral:
 
     @property
     def z(self) -> np.ndarray:
-        return self.Z
+        return self._Z[: self.s]
+
+    @property
+    def M(self) -> np.ndarray:
+        return self._M[: self.s, : self.s]
 
     @property
     def sides(self) -> np.ndarray:
@@ -110,7 +116,7 @@ class _Corral:
 
     @property
     def x(self) -> np.ndarray:
-        return self.v @ self.Z
+        return self.v @ self.z
 
     def find(self, side: bool, i: int) -> int:
         hit = np.flatnonzero((self.side == side) & (self.idx == i))
@@ -130,7 +136,7 @@ class _Corral:
     def append(self, z: np.ndarray, side: bool, i: int) -> bool:
         """Add a row with weight 0; False if it lies (numerically) in the affine hull."""
         s = self.s
-        m = self.Z @ z + (self.side == side)
+        m = self.z @ z + (self.side == side)
         mnn = z @ z + 1.0
         lrow = solve_triangular(self.L, m, lower=True, check_finite=False)
         piv = mnn - lrow @ lrow
@@ -147,10 +153,14 @@ class _Corral:
         self.K = np.vstack([self.K + np.outer(q, t / piv), -t / piv])
         L = np.zeros((s + 1, s + 1))
         L[:s, :s], L[s, :s], L[s, s] = self.L, lrow, np.sqrt(piv)
-        M = np.empty((s + 1, s + 1))
-        M[:s, :s], M[s, :s], M[:s, s], M[s, s] = self.M, m, m, mnn
-        self.L, self.M = L, M
-        self.Z = np.vstack([self.Z, z])
+        self.L = L
+        if s == self._Z.shape[0]:
+            cap = 2 * s
+            Z, M = np.zeros((cap, self._Z.shape[1])), np.zeros((cap, cap))
+            Z[:s], M[:s, :s] = self._Z[:s], self._M[:s, :s]
+            self._Z, self._M = Z, M
+        self._Z[s] = z
+        self._M[s, :s], self._M[:s, s], self._M[s, s] = m, m, mnn
         self.side = np.append(self.side, side)
         self.idx = np.append(self.idx, i)
         self.dropped = np.append(self.dropped, False)
@@ -175,9 +185,11 @@ class _Corral:
 
     def _compact(self) -> None:
         keep = ~self.dropped
-        self.Z, self.side, self.idx = self.Z[keep], self.side[keep], self.idx[keep]
+        n, K = int(keep.sum()), np.flatnonzero(keep)
+        self._M[:n, :n] = self.M[np.ix_(K, K)]
+        self._Z[:n] = self._Z[K]
+        self.side, self.idx = self.side[keep], self.idx[keep]
         self.v, self.dropped = self.v[keep], self.dropped[keep]
-        self.M = self.M[np.ix_(keep, keep)]
         self._factor()
 
     # ------------------------------------------------------------------ minimisation
@@ -219,7 +231,7 @@ class _Corral:
 
 
 def _wolfe(
-    a: torch.Tensor, b: torch.Tensor, tol: float, max_iter: int, batch: int = 64, bulk: int = 16
+    a: torch.Tensor, b: torch.Tensor, tol: float, max_iter: int, batch: int = 64, bulk: int = 8
 ):
     """Working-set Wolfe iteration on centred, scaled float64 data (a, b on any device).
 
