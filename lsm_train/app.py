@@ -36,7 +36,12 @@ __all__ = [
     "train_from_config",
     "validate_config",
     "RecipeConfigSource",
+    "SetupError",
 ]
+
+
+class SetupError(ValueError):
+    """A run could not start (bad config value, missing data, unknown model option, ...)."""
 
 _PKG = Path(__file__).resolve().parent
 
@@ -299,25 +304,33 @@ def train_from_config(
 ) -> Any:
     """Validate ``cfg``, build the trainer, train, write plots and the summary.
 
-    Returns the :class:`~lsm_train.trainer.TrainResult`. Raises ValueError (bad config)
-    before any training step.
+    Returns the :class:`~lsm_train.trainer.TrainResult`. Anything that prevents the start
+    (bad config value, missing data files, unknown model option, a layer pattern matching
+    nothing, no checkpoint to resume) raises :class:`SetupError` (a ValueError) before
+    the first step; errors during training propagate unchanged.
     """
     from lsm_train.checkpoint import load_checkpoint
     from lsm_train.plots import plot_run, summary_table
     from lsm_train.tracking import Tracker
     from lsm_train.trainer import CHECKPOINT_NAME, Trainer
 
-    validate_config(cfg)
-    run_dir = Path(run_dir)
-    work = _resume_dir(cfg.get("resume"), run_dir)
-    ckpt = None
-    if work is not None:
-        ckpt = work / CHECKPOINT_NAME
-        if work != run_dir:
-            print(f"lsm-train: resuming the run in {work}", file=sys.stderr)
-    else:
-        work = run_dir
-    trainer = Trainer(cfg, work, resume_from=ckpt, model_factory=model_factory)
+    try:
+        validate_config(cfg)
+        run_dir = Path(run_dir)
+        work = _resume_dir(cfg.get("resume"), run_dir)
+        ckpt = None
+        if work is not None:
+            ckpt = work / CHECKPOINT_NAME
+            if work != run_dir:
+                print(f"lsm-train: resuming the run in {work}", file=sys.stderr)
+        else:
+            work = run_dir
+        trainer = Trainer(cfg, work, resume_from=ckpt, model_factory=model_factory)
+    except SetupError:
+        raise
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        # everything before the first step: data, model options, layers, optimizer, resume
+        raise SetupError(str(err)) from err
     resume_id = None
     if ckpt is not None:
         resume_id = load_checkpoint(ckpt).get("wandb_id")
@@ -356,7 +369,7 @@ def _hydra_task(cfg: DictConfig) -> float | None:
     sweep = Path(hc.sweep.dir).name if multirun else None
     try:
         result = train_from_config(cfg, run_dir, recipe=recipe, sweep=sweep)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except SetupError as err:
         print(f"lsm-train: error: {err}", file=sys.stderr)
         if multirun:
             raise

@@ -317,3 +317,15 @@ def test_cuda_requested_without_cuda_is_a_clear_error(tmp_path):
         pytest.skip("CUDA is available here")
     with pytest.raises(ValueError, match="CUDA is not available"):
         train_from_config(compose(["trainer=gpu", *FAST]), tmp_path)
+
+
+def test_setup_failures_are_setup_errors_before_any_step(tmp_path):
+    from lsm_train.app import SetupError
+
+    cfg = compose(["data=mnist", f"data.root={tmp_path / 'empty'}", *FAST])
+    with pytest.raises(SetupError, match=r"data\.download=true"):
+        train_from_config(cfg, tmp_path / "a")
+    cfg = compose(["+model.kwargs.wdith=3", *FAST])  # a typo in a model option
+    with pytest.raises(SetupError, match="unknown option"):
+        train_from_config(cfg, tmp_path / "b")
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()
