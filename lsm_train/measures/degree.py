@@ -54,6 +54,7 @@ _TAU0, _TAU1 = 1.0, 0.02  # temperature schedule of the ascent (units: within-cl
 _LR = 0.05  # Adam step of the ascent (unit directions in whitened coordinates)
 _WHITEN_ALPHA = 0.1  # shrinkage of the metric used for the ascent
 _MAX_CELLS = 1 << 24  # bound on problems × rows × columns of one exact-scoring block
+_ASCENT_CELLS = 1 << 23  # bound on problems × sampled rows × max(d, pairs) of one ascent block
 _LP_CHEAP = 50_000  # certify="auto": (|A| + |B|)·(d + 1) below which the LP always runs
 _LP_GAP = 0.02  # certify="auto": and above it, when the best value is >= 1 - _LP_GAP
 
@@ -331,10 +332,14 @@ def _fit(
     gen = torch.Generator().manual_seed(int(seed))
 
     # mean differences (r, K)
-    sel = torch.zeros(K, x.shape[0], dtype=x.dtype, device=x.device)  # +1/|A|, −1/|B|
-    sel.scatter_add_(1, P.ia, P.ma.to(x.dtype) / P.na.to(x.dtype)[:, None])
-    sel.scatter_add_(1, P.ib, -P.mb.to(x.dtype) / P.nb.to(x.dtype)[:, None])
-    diff = (sel @ x).T  # (r, K): μ_A − μ_B
+    diff = torch.empty(r, K, dtype=x.dtype, device=x.device)  # μ_A − μ_B
+    step = max(1, _MAX_CELLS // x.shape[0])
+    for c in range(0, K, step):
+        p = P.take(slice(c, c + step))
+        sel = torch.zeros(len(p), x.shape[0], dtype=x.dtype, device=x.device)  # ±1/|set|
+        sel.scatter_add_(1, p.ia, p.ma.to(x.dtype) / p.na.to(x.dtype)[:, None])
+        sel.scatter_add_(1, p.ib, -p.mb.to(x.dtype) / p.nb.to(x.dtype)[:, None])
+        diff[:, c:c + step] = (sel @ x).T
 
     cols = [metric.solve(a, diff) for a in alphas]  # each (r, K)
     Lw = metric.chol(_WHITEN_ALPHA)
@@ -357,8 +362,13 @@ def _fit(
         # whitened coordinates: w·x = v·(L⁻¹x) with v = Lᵀw
         V0 = torch.einsum("sr,ksc->krc", Lw, starts)
         V0 = V0 / V0.norm(dim=1, keepdim=True).clamp_min(1e-300)  # Adam's step is absolute
-        Vt = _ascend(x, Lw, V0, P, max_iter=max_iter, subsample=subsample, gen=gen,
-                     n_checkpoints=3)
+        rows = min(subsample, P.ia.shape[1]) + min(subsample, P.ib.shape[1])
+        step = max(1, _ASCENT_CELLS // (rows * max(r, S * rows)))  # bounded memory
+        Vt = torch.cat([
+            _ascend(x, Lw, V0[c:c + step], P.take(slice(c, c + step)), max_iter=max_iter,
+                    subsample=subsample, gen=gen, n_checkpoints=3)
+            for c in range(0, K, step)
+        ])
         Wt = torch.linalg.solve_triangular(
             Lw.T, Vt.permute(1, 0, 2).reshape(r, -1), upper=True
         ).reshape(r, K, -1).permute(1, 0, 2)
