@@ -37,6 +37,8 @@ bounded memory, recomputing σ in the backward (autograd memory O(n) per directi
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import math
 from typing import Any
 
@@ -57,6 +59,7 @@ __all__ = ["soft_md_lsm", "soft_pair_score", "fisher_directions", "SCHEMES"]
 SCHEMES = ("pairwise", "ovr")
 _RIDGE = 1e-6  # ε: ridge relative to the total variance per coordinate
 _BLOCK_ELEMS = 1 << 22  # max entries of one block of pairwise differences
+_DENSE_ELEMS = 1 << 18  # n² up to this: the dense n × n soft count (n <= 512)
 
 
 # --------------------------------------------------------------------------- validation
@@ -86,11 +89,28 @@ def _full_precision(device: torch.device) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
 
-def _features(H: Any, reduce: str) -> torch.Tensor:
+def _features(H: Any, reduce: str) -> tuple[torch.Tensor, float]:
+    """Validated (n, d) float features and a power of two ``m`` (1.0 unless max|H| is outside
+    [2^-24, 2^24]); the caller works on H / m, which keeps every sum of squares finite even for
+    huge finite features. S_τ is scale invariant and m is exact, so this changes nothing else.
+
+    One pass (aminmax) both finds max|H| and checks finiteness (NaN/inf propagate to it); only
+    a non-finite result runs the full :func:`check_points`, which raises the detailed error."""
     t = to_tensor(H, "H")
     if not t.is_floating_point():
         t = _as_float(t)
-    return check_points(reduce_features(t, reduce), "H")
+    t = reduce_features(t, reduce)
+    if t.ndim != 2 or 0 in t.shape:
+        t = check_points(t, "H")  # raises the shape error
+    t = _as_float(t)
+    lo, hi = torch.aminmax(t.detach())
+    lo, hi = torch.stack([lo, hi]).tolist()
+    top = max(-lo, hi)
+    if not math.isfinite(top):
+        check_points(t, "H")  # raises: NaN or inf in H
+    if 0.0 < top and not (2.0**-24 <= top <= 2.0**24):
+        return t, math.ldexp(1.0, math.frexp(top)[1])
+    return t, 1.0
 
 
 # --------------------------------------------------------------------------- linear algebra
@@ -106,6 +126,21 @@ def _factor(S: torch.Tensor) -> tuple[str, tuple[torch.Tensor, ...]]:
 
 def _apply_factor(kind: str, F: tuple[torch.Tensor, ...], R: torch.Tensor) -> torch.Tensor:
     return torch.cholesky_solve(R, F[0]) if kind == "cholesky" else torch.linalg.lu_solve(*F, R)
+
+
+class _Gram(torch.autograd.Function):
+    """V Vᵀ with the symmetric adjoint ḡV = (ḡ + ḡᵀ) V: one matrix product in the backward
+    instead of two. The backward is made of differentiable ops (double backward works)."""
+
+    @staticmethod
+    def forward(ctx, V: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(V)
+        return V @ V.mT
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        (V,) = ctx.saved_tensors
+        return (g + g.mT) @ V
 
 
 class _SPDSolve(torch.autograd.Function):
@@ -154,7 +189,7 @@ def _shrunk_solve(
         G = c * (U @ U.mT)
         G = G + alpha * torch.eye(n, dtype=U.dtype, device=U.device)
         return (R - c * (U.mT @ _spd_solve(G, U @ R))) / alpha
-    S = c * (U.mT @ U)
+    S = c * _Gram.apply(U.mT)
     S = S + alpha * torch.eye(d, dtype=U.dtype, device=U.device)
     return _spd_solve(S, R)
 
@@ -163,17 +198,26 @@ def _shrunk_solve(
 
 
 class _Layout:
-    """Classes of a batch: sorted labels, index of each sample's class, samples sorted by class."""
+    """Classes of a batch: sorted labels, index of each sample's class, class sizes; the
+    Python lists (counts, starts) and the by-class order only when the blocked path asks."""
 
     def __init__(self, labels: torch.Tensor):
         self.classes, self.inverse = torch.unique(labels, return_inverse=True)
         self.K = int(self.classes.numel())
         self.n = int(labels.numel())
-        self.counts = torch.bincount(self.inverse, minlength=self.K).tolist()
-        self.starts = [0]
-        for c in self.counts[:-1]:
-            self.starts.append(self.starts[-1] + c)
-        self.order = torch.argsort(self.inverse, stable=True)
+        self.count_t = torch.bincount(self.inverse, minlength=self.K)
+
+    @functools.cached_property
+    def counts(self) -> list[int]:
+        return self.count_t.tolist()
+
+    @functools.cached_property
+    def starts(self) -> list[int]:
+        return [0, *itertools.accumulate(self.counts[:-1])]
+
+    @functools.cached_property
+    def order(self) -> torch.Tensor:
+        return torch.argsort(self.inverse, stable=True)
 
     def tasks(self, scheme: str) -> list[tuple[int, int]]:
         """(a-class, b-class) per task; b-class -1 means "every other class" (ovr)."""
@@ -188,7 +232,7 @@ class _Layout:
 
     def ovr_coefficients(self, dtype: torch.dtype) -> torch.Tensor:
         """C (K × K): δ_k = μ_k − μ_rest(k) = Mu @ C[:, k], μ_rest = Σ_{j≠k} n_j μ_j / (n − n_k)."""
-        counts = torch.tensor(self.counts, dtype=dtype, device=self.inverse.device)
+        counts = self.count_t.to(dtype)
         return (-counts[:, None] / (self.n - counts)[None, :]).fill_diagonal_(1.0)
 
     def combine(self, M: torch.Tensor, scheme: str) -> torch.Tensor:
@@ -207,37 +251,83 @@ class _Layout:
         return (C * (G @ C)).sum(0)
 
 
-def _max_abs(X: torch.Tensor) -> torch.Tensor:
-    """max |X| (detached, > 0). Dividing by it first keeps every sum of squares finite even
-    for huge finite features; S_τ is scale invariant, so treating it as a constant is exact."""
-    return X.detach().abs().amax().clamp_min(torch.finfo(X.dtype).tiny)
-
-
 def _directions(
-    H: torch.Tensor, lay: _Layout, scheme: str, shrinkage: float, dual: bool | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (Hc, W, r): centered H; per-class solutions W = Σ_s⁻¹ Mu (d × K, in H units);
-    norms r (T,) so that ŵ_t = lay.combine(W)[:, t] · r_t has ŵ_tᵀ Σ_s ŵ_t = 1.
+    H: torch.Tensor,
+    lay: _Layout,
+    scheme: str,
+    shrinkage: float,
+    dual: bool | None = None,
+    need_w: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Returns (P, W, R): W = Σ_s⁻¹ Mu (d × K per-class solutions, in H units); P = Hc @ W
+    (n × K), Hc = H − batch mean; rates R so that ŵ_t = lay.combine(W)[:, t] · r_t has
+    ŵ_tᵀ Σ_s ŵ_t = 1: pairwise, R is K × K with r_(k,l) = R[k, l] (symmetric, diagonal
+    unused); ovr, R is (K,). W is None in the dual unless ``need_w`` (the in-sample value only
+    needs P).
 
-    Works on X = Hc / s with s the rms of Hc (so the ε ridge and every guard scale with H).
+    Works in H units: Σ_s = (1 − λ)Σ + (λ tr Σ / d + ε s²) I with s² the mean square of Hc
+    (+ eps²) equals s² times the Σ_s of X = Hc / s, which leaves P, ŵ and R unchanged, so s
+    itself is never formed. Hc is not formed either: with U = H − Y·(class means) (Yᵀ U = 0)
+    and Mc the class means about the batch mean, Hc = U + Y Mc, ‖Hc‖² = ‖U‖² + Σ_k n_k ‖Mc_k‖².
+
+    Dual (d > n), from one Gram matrix of [U; Mc] ((n + K)²) and an n × n Cholesky solve:
+    with Sol = (α I + c U Uᵀ)⁻¹ U Mcᵀ (Woodbury), Σ_s⁻¹ Mcᵀ = (Mcᵀ − c Uᵀ Sol) / α, so
+    G = Mc Σ_s⁻¹ Mcᵀ = (Mc Mcᵀ − c (U Mcᵀ)ᵀ Sol) / α and P = Hc Σ_s⁻¹ Mcᵀ = Sol + Y G.
+    Primal (d <= n): a d × d solve, P = U W + Y (Mc W).
     """
     n, d = H.shape
     dtype, K = H.dtype, lay.K
-    Y = torch.zeros(n, K, dtype=dtype, device=H.device)
-    Y[torch.arange(n, device=H.device), lay.inverse] = 1.0
-    Hc = H - H.mean(0, keepdim=True)
-    s = torch.sqrt(Hc.pow(2).sum() / (n * d) + torch.finfo(dtype).eps ** 2)
-    X = Hc / s
-    Mu = (X.mT @ Y) / Y.sum(0)  # d × K class means
-    U = X - Y @ Mu.mT  # within-class centered rows
+    cnt = lay.count_t.to(dtype)
+    Y = torch.nn.functional.one_hot(lay.inverse, K).to(dtype)
+    Mr = (Y / cnt).mT @ H  # K × d class means
+    U = torch.addmm(H, Y, Mr, alpha=-1.0)  # within-class centered rows
+    Mc = Mr - (cnt / n) @ Mr  # class means about the batch mean
     m = max(n - K, 1)
-    alpha = shrinkage * U.pow(2).sum() / (m * d) + _RIDGE
-    Z = _shrunk_solve(U, Mu, alpha, (1.0 - shrinkage) / m, dual)  # Σ_s⁻¹ μ_k, all k at once
-    G = Mu.mT @ Z  # K × K: μ_kᵀ Σ_s⁻¹ μ_l
-    G = (G + G.mT) / 2
-    quad = lay.quadratic(G, scheme)  # δ_tᵀ Σ_s⁻¹ δ_t
-    r = torch.rsqrt(quad.clamp_min(0.0) + torch.finfo(dtype).eps)  # Mahalanobis: scale free
-    return Hc, Z / s, r
+    c = (1.0 - shrinkage) / m
+    eps = torch.finfo(dtype).eps
+    if dual is None:
+        dual = d > n
+    if dual:
+        Gm = _Gram.apply(torch.cat([U, Mc]))
+        Ku, B, MM = Gm[:n, :n], Gm[:n, n:], Gm[n:, n:]
+        ssu = Ku.trace()
+        ss = Gm.diagonal() @ torch.cat([cnt.new_ones(n), cnt])  # ‖Hc‖²
+    else:
+        ssu = U.square().sum()
+        MM = Mc @ Mc.mT
+        ss = ssu + MM.diagonal() @ cnt
+    alpha = ssu * (shrinkage / (m * d)) + ss * (_RIDGE / (n * d)) + _RIDGE * eps**2
+    W = None
+    if dual:
+        if c == 0.0:
+            Sol = B / alpha
+        else:
+            eye = torch.eye(n, dtype=dtype, device=H.device)
+            Sol = _spd_solve(torch.add(alpha * eye, Ku, alpha=c), B)
+        G = torch.addmm(MM, B.mT, Sol, alpha=-c) / alpha
+        P = torch.addmm(Sol, Y, G)
+        if need_w:
+            W = torch.addmm(Mc.mT, U.mT, Sol, alpha=-c) / alpha
+    else:
+        W = _shrunk_solve(U, Mc.mT, alpha, c, dual=False)
+        G = Mc @ W
+        P = torch.addmm(U @ W, Y, G)
+    if scheme == "pairwise":  # δ_klᵀ Σ_s⁻¹ δ_kl = G_kk + G_ll − G_kl − G_lk
+        dg = G.diagonal()
+        quad = (dg[:, None] + dg) - (G + G.mT)
+    else:
+        C = lay.ovr_coefficients(dtype)
+        quad = (C * (G @ C)).sum(0)
+    R = torch.rsqrt(quad.clamp_min(0.0) + eps)  # Mahalanobis: scale free
+    return P, W, R
+
+
+def _task_rates(R: torch.Tensor, lay: _Layout, scheme: str) -> torch.Tensor:
+    """r_t per task (T,) in task order from the R of :func:`_directions`."""
+    if scheme == "pairwise":
+        k, l = lay.pair_index()
+        return R[k, l]
+    return R
 
 
 def fisher_directions(
@@ -251,18 +341,17 @@ def fisher_directions(
     """
     scheme = _check_scheme(scheme)
     shrinkage = _check_shrinkage(shrinkage)
-    X = _features(H, reduce)
+    X, m = _features(H, reduce)
     lay = _Layout(check_labels(y, X.shape[0], device=X.device))
     if lay.K < 2:
         raise ValueError(
             f"y: expected at least 2 distinct classes, got {lay.K} "
             f"(labels present: {lay.classes.tolist()})"
         )
-    m = _max_abs(X)
     with _full_precision(X.device):
-        _, W, r = _directions(X / m, lay, scheme, shrinkage)
+        _, W, R = _directions(X / m if m != 1.0 else X, lay, scheme, shrinkage, need_w=True)
     tasks = [(k, None if l < 0 else l) for k, l in lay.tasks(scheme)]
-    return lay.combine(W, scheme) * (r / m), tasks, lay.classes
+    return lay.combine(W, scheme) * (_task_rates(R, lay, scheme) / m), tasks, lay.classes
 
 
 # --------------------------------------------------------------------------- soft counts
@@ -364,6 +453,49 @@ def _task_scores(P: torch.Tensor, lay: _Layout, scheme: str, scale: torch.Tensor
     return (sums / pairs).clamp(0.0, 1.0)  # round-off of the σ(−c) offset only
 
 
+def _dense_task_scores(
+    P: torch.Tensor, lay: _Layout, scheme: str, R: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """:func:`_task_scores` for small batches, as a handful of dense n × n ops (plain
+    autograd, O(n²) memory; no blocks, no gathers of padded pieces, no Python loop).
+
+    With g_a = P[a, y_a] and E[a, b] = P[a, y_b] (E = P Yᵀ, Y one-hot): pairwise, for a, b in
+    different classes, ŵ_{y_a y_b}·(a − b) = r·(g_a + g_b − E[a, b] − E[b, a]) (symmetric in
+    a, b); ovr, ŵ_{y_a}·(a − b) = r·(g_a − P[b, y_a]). Per-task sums are the off-diagonal
+    entries of Yᵀ F Y (F the n × n soft counts): same-class entries of F land on the diagonal
+    and are never used, so they need no mask."""
+    inv, K = lay.inverse, lay.K
+    Y = torch.nn.functional.one_hot(inv, K).to(P.dtype)
+    cnt = lay.count_t.to(P.dtype)
+    g, E = P.gather(1, inv[:, None]), P @ Y.mT
+    if scheme == "pairwise":
+        D = g - E
+        x = (D + D.mT) * (Y @ (R * (1.0 / tau)) @ Y.mT)
+    else:
+        x = (g - E.mT) * (Y @ (R * (1.0 / tau)))[:, None]
+    c = _cut(P.dtype)
+    M = Y.mT @ (torch.sigmoid(x.clamp(-c, c)) @ Y)  # K × K block sums
+    floor = 1.0 / (1.0 + math.exp(c))  # σ(−c): f = σ(clip(x)) − σ(−c) as in _SoftCount
+    if scheme == "pairwise":
+        k, l = lay.pair_index()
+        pairs = cnt[k] * cnt[l]
+        sums = M[k, l]
+    else:
+        pairs = cnt * (lay.n - cnt)
+        sums = (M * (1.0 - torch.eye(K, dtype=P.dtype, device=P.device))).sum(1)
+    return (sums / pairs - floor).clamp(0.0, 1.0)
+
+
+def _scores(
+    P: torch.Tensor, lay: _Layout, scheme: str, R: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """Per-task S_τ: dense n × n ops when n² <= _DENSE_ELEMS (fast, O(n²) autograd memory),
+    else the memory-bounded blocks of :func:`_task_scores` (autograd memory O(n) per task)."""
+    if lay.n * lay.n <= _DENSE_ELEMS:
+        return _dense_task_scores(P, lay, scheme, R, tau)
+    return _task_scores(P, lay, scheme, _task_rates(R, lay, scheme) / tau)
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -407,7 +539,9 @@ def soft_md_lsm(
     tau = check_positive(tau, "tau")
     scheme = _check_scheme(scheme)
     shrinkage = _check_shrinkage(shrinkage)
-    X = _features(H, reduce)
+    X, m = _features(H, reduce)
+    if m != 1.0:
+        X = X / m
     labels = check_labels(y, X.shape[0], device=X.device)
     with _full_precision(X.device):
         if crossfit:
@@ -430,13 +564,14 @@ def _soft_md_lsm(
     lay = _Layout(labels)
     if lay.K < 2:
         return ((X * 0).sum() + 1.0).reshape(1)
-    Hc, W, r = _directions(X / _max_abs(X), lay, scheme, shrinkage, dual)
-    if detach_directions:
-        W, r = W.detach(), r.detach()
-    P = Hc @ W
+    if detach_directions:  # P = Hc @ W with W (and r) constants
+        _, W, R = _directions(X.detach(), lay, scheme, shrinkage, dual, need_w=True)
+        P = (X - X.mean(0, keepdim=True)) @ W
+    else:
+        P, _, R = _directions(X, lay, scheme, shrinkage, dual)
     if scheme == "ovr":
         P = lay.combine(P, scheme)
-    return _task_scores(P, lay, scheme, r / tau)
+    return _scores(P, lay, scheme, R, tau)
 
 
 def _soft_md_lsm_crossfit(
@@ -455,19 +590,17 @@ def _soft_md_lsm_crossfit(
     rank = torch.empty_like(lay.order)  # position of each sample among its class, batch order
     rank[lay.order] = torch.cat([torch.arange(c, device=X.device) for c in lay.counts])
     keep = torch.isin(lay.inverse, torch.tensor(big, device=X.device))
-    X = X / _max_abs(X)
     values = []
     for fold in (0, 1):
         fit = keep & (rank % 2 == fold)
         ev = keep & (rank % 2 != fold)
         lay_fit, lay_ev = _Layout(labels[fit]), _Layout(labels[ev])  # the same classes
-        _, W, r = _directions(X[fit], lay_fit, scheme, shrinkage)
-        if detach_directions:
-            W, r = W.detach(), r.detach()
+        Xf = X[fit].detach() if detach_directions else X[fit]
+        _, W, R = _directions(Xf, lay_fit, scheme, shrinkage, need_w=True)
         P = (X[ev] - X[fit].mean(0, keepdim=True)) @ W  # only differences matter
         if scheme == "ovr":  # the weights of the rest's mean come from the fit half
             P = lay_fit.combine(P, scheme)
-        values.append(_task_scores(P, lay_ev, scheme, r / tau).mean())
+        values.append(_scores(P, lay_ev, scheme, R, tau).mean())
     return (values[0] + values[1]) / 2
 
 
