@@ -54,6 +54,7 @@ _TAU0, _TAU1 = 1.0, 0.02  # temperature schedule of the ascent (units: within-cl
 _LR = 0.05  # Adam step of the ascent (unit directions in whitened coordinates)
 _WHITEN_ALPHA = 0.1  # shrinkage of the metric used for the ascent
 _MAX_CELLS = 1 << 24  # bound on problems × rows × columns of one exact-scoring block
+_RESAMPLE_EVERY = 1  # ascent steps per fresh sample of rows (large sets)
 _ASCENT_CELLS = 1 << 23  # bound on problems × sampled rows × max(d, pairs) of one ascent block
 _LP_CHEAP = 50_000  # certify="auto": (|A| + |B|)·(d + 1) below which the LP always runs
 _LP_GAP = 0.02  # certify="auto": and above it, when the best value is >= 1 - _LP_GAP
@@ -173,20 +174,26 @@ def _orient(u2: torch.Tensor, total: torch.Tensor) -> tuple[torch.Tensor, torch.
     return torch.where(flip, total - u2, u2), torch.where(flip, -1.0, 1.0)
 
 
+def _gram(u: torch.Tensor) -> torch.Tensor:
+    """uᵀu, symmetrized."""
+    g = u.T @ u
+    return 0.5 * (g + g.T)
+
+
 class _Metric:
     """Shared second-order statistics of the rows x (n × r, centred): within-class
     covariance Σ pooled over ``groups`` and solves with Σ_α = (1 − α)Σ + α·β·I, β = tr Σ / d."""
 
     def __init__(self, x: torch.Tensor, groups: list[torch.Tensor], d_full: int):
         r = x.shape[1]
-        resid = x.clone()
-        n_used = 0
-        for g in groups:
-            resid[g] -= x[g].mean(0)
-            n_used += int(g.numel())
         used = torch.cat(groups)
-        cov = resid[used].T @ resid[used] / max(n_used - len(groups), 1)
-        self.cov = 0.5 * (cov + cov.T)
+        resid = x[used]
+        start = 0
+        for g in groups:  # rows of `resid` are the groups, one after the other
+            block = resid[start:start + g.numel()]
+            block -= block.mean(0)
+            start += g.numel()
+        self.cov = _gram(resid) / max(used.numel() - len(groups), 1)
         tr = float(torch.diagonal(self.cov).sum())
         if not tr > 0:  # every class is a single repeated point: use the total variance
             tr = float((x * x).sum()) / max(x.shape[0], 1)
@@ -257,9 +264,10 @@ def _ascend(
     full = P.ia.shape[1] <= subsample and P.ib.shape[1] <= subsample
     if full:
         ma, mb = P.ma, P.mb
-        xa, xb = x32[P.ia], x32[P.ib]  # (K, m, r)
+        xab = torch.cat([x32[P.ia], x32[P.ib]], dim=1)  # (K, mA + mB, r)
     else:
         ma = mb = torch.ones(K, subsample, dtype=torch.bool, device=x.device)
+    mA = ma.shape[1]
     fa, fb = ma.float()[:, None, :], mb.float()[:, None, :]  # (K, 1, m)
     na, nb = fa.sum(2, keepdim=True), fb.sum(2, keepdim=True)  # (K, 1, 1)
     pad_a, pad_b = ~ma[:, None, :], ~mb[:, None, :]
@@ -270,17 +278,17 @@ def _ascend(
     iterates = []
     for t in range(max_iter):
         tau = _TAU0 * (_TAU1 / _TAU0) ** (t / max(max_iter - 1, 1))
-        if not full:
+        if not full and t % _RESAMPLE_EVERY == 0:
             rows = torch.cat([_sample_rows(P.ia, P.na, subsample, gen),
                               _sample_rows(P.ib, P.nb, subsample, gen)], dim=1)
-            xa, xb = x32.index_select(0, rows.reshape(-1)).view(K, 2 * subsample, r).split(
-                subsample, dim=1)
+            xab = x32.index_select(0, rows.reshape(-1)).view(K, 2 * subsample, r)
         norm = V.norm(dim=2, keepdim=True).clamp_min(1e-30)
         Vn = V / norm
         S = Vn.shape[1]
         Wn = torch.linalg.solve_triangular(L32.T, Vn.reshape(-1, r).T, upper=True)
         Wn = Wn.T.reshape(K, S, r)  # w = L⁻ᵀv
-        sa, sb = Wn @ xa.transpose(1, 2), Wn @ xb.transpose(1, 2)  # (K, S, m)
+        sab = Wn @ xab.transpose(1, 2)  # (K, S, mA + mB)
+        sa, sb = sab[:, :, :mA], sab[:, :, mA:]
         mua = (sa * fa).sum(2, keepdim=True) / na
         mub = (sb * fb).sum(2, keepdim=True) / nb
         var = (((sa - mua) ** 2 * fa).sum(2, keepdim=True)
@@ -292,9 +300,9 @@ def _ascend(
         hb = (sb * (0.5 * inv)).masked_fill_(pad_b, math.inf)
         q = (ha[:, :, :, None] - hb[:, :, None, :]).tanh_().square_()  # (K, S, mA, mB)
         scale = 0.25 * inv / (na * nb)
-        ga = (xb.shape[1] - q.sum(3)) * scale  # (K, S, mA): d soft / d sa
-        gb = -(xa.shape[1] - q.sum(2)) * scale  # (K, S, mB)
-        g = ga @ xa + gb @ xb  # (K, S, r) wrt w
+        ga = (q.shape[3] - q.sum(3)) * scale  # (K, S, mA): d soft / d sa
+        gb = -(q.shape[2] - q.sum(2)) * scale  # (K, S, mB)
+        g = torch.cat([ga, gb], dim=2) @ xab  # (K, S, r) wrt w
         g = torch.linalg.solve_triangular(L32, g.reshape(-1, r).T, upper=False)
         g = g.T.reshape(K, S, r)  # wrt v: L⁻¹ g
         g = (g - Vn * (Vn * g).sum(2, keepdim=True)) / norm  # through the normalization
