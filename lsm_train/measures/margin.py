@@ -7,19 +7,23 @@ twice the hard-margin SVM margin; ρ = 0 ⇔ A and B are not strictly linearly s
 Algorithm: Wolfe's minimum-norm-point method on P = conv(A) − conv(B), run on A and B
 directly. A ⊖ B is never formed: the linear oracle of P is the support function
 ``argmin_{p∈P} x·p = argmin_a x·a − argmax_b x·b`` (two matrix-vector products), and the
-iterate is kept as convex weights over a small "corral" of rows of A and of B separately,
-x = A_Sᵀα − B_Tᵀβ. Each major step adds the row with the larger Frank–Wolfe violation;
-minor steps take the minimiser over the affine hull of the corral (Σα = Σβ = 1, an
-(s+2)-dimensional KKT system solved with a Cholesky factor that grows by one row per
-step) and drop rows whose weight reaches zero. The method terminates finitely in exact
-arithmetic with the exact nearest point. The oracle runs on a working set of rows and is
-checked against all rows only when the working set is solved; the most violating rows then
-join the working set (column generation). Data are centred and scaled first (ρ is
-translation invariant and scales linearly), all arithmetic is float64 on the inputs'
-device.
+iterate is kept as convex weights over a "corral" of rows of A and of B separately,
+x = A_Sᵀα − B_Tᵀβ. A major step adds the rows with the largest Frank–Wolfe violations (up
+to 8 at a time, each checked for affine independence); minor steps move to the minimiser
+over the affine hull of the corral (Σα = Σβ = 1: the system M w = E μ with
+M = Z Zᵀ + E Eᵀ, solved with a Cholesky factor that grows by one row per appended row) and
+drop the rows whose weight reaches zero — lazily, through the cached columns M⁻¹[E, I_D],
+so the factor is rebuilt only once per 48 dropped rows. The norm decreases at every step and
+the method terminates in exact arithmetic with the exact nearest point. The oracle runs on a
+working set of rows and is checked against all rows only when the working set is solved;
+the most violating rows (64 per side) then join it (column generation). Data are centred
+and scaled first (ρ is translation invariant and scales linearly). The large products run
+in float64 on the inputs' device; the small corral algebra runs in float64 numpy on the CPU
+(single-threaded BLAS).
 
-Cost: O((|A| + |B|)·d) per full check, O(|W|·d + s²) per major step (W working set,
-s ≤ d + 2 corral size), a Cholesky refactorisation O(s³) after a row is dropped.
+Cost: O((|A| + |B|)·d) per full check (a handful per call), O(|W|·d + s·d + s²) per major
+step (W the working set, s ≤ d + 2 the corral size), O(s³) per 48 dropped rows. On 2,000
+points per class in d = 512 (about 500 support vectors) that is ~200 major steps.
 
 Certified bounds: ``upper`` = ‖x‖ for the current iterate x ∈ P; ``lower`` = the best
 min_a u·a − max_b u·b over the unit directions u = x/‖x‖ checked against all rows (weak
