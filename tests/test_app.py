@@ -142,6 +142,8 @@ def test_zoo_digits_recipe_runs_with_debug_smoke(tmp_path, recipe):
     layer_keys = [k for k in records[-1] if k.startswith("lsm/") and k != "lsm/mean"]
     assert layer_keys and all(0.0 <= records[-1][k] <= 1.0 for k in layer_keys)
     assert (tmp_path / "summary.png").is_file()
+    if recipe == "zoo/dbn-digits":  # the RBM stack is pretrained before step 0
+        assert records[0]["step"] == 0 and records[0]["pretrain/recon_error_1"] > 0
 
 
 def test_wandb_settings_group_tags_and_resolved_config(tmp_path):
