@@ -49,6 +49,8 @@ AGGREGATE_LAYER_NAMES = frozenset({"mean", "avg", "average", "min", "max", "all"
 #: keys tried, in order, for the elapsed wall time of a run (seconds; the largest value wins).
 TIME_KEYS = ("time/elapsed", "time/wall", "time/total", "time/elapsed_s")
 #: keys tried, in order, for the guard's acceptance rate (the last finite value wins).
+#: decimals of MD-LSM values in tables (trained layers often differ only in the 3rd decimal).
+LSM_DIGITS = 4
 #: the per-layer bar chart is drawn for sweeps of at most this many settings.
 MAX_BAR_GROUPS = 16
 ACCEPT_KEYS = ("guard/accept_rate", "guard/acceptance_rate", "guard/accepted_fraction")
@@ -414,7 +416,7 @@ def summary_table(groups: list[Group], threshold: float) -> Table:
         if any_guard:
             guarded = [r.accept_rate() for r in g.runs if r.has_guard]
             row.append(stats.format_mean_std(guarded) if guarded else "–")
-        row.append(stats.format_mean_std([r.final_mean_lsm() for r in g.runs]))
+        row.append(stats.format_mean_std([r.final_mean_lsm() for r in g.runs], digits=LSM_DIGITS))
         rows.append(row)
     return Table("Summary (mean ± std over seeds)", columns, rows)
 
@@ -437,8 +439,10 @@ def layer_table(groups: list[Group]) -> Table:
             rows.append([
                 g.label,
                 layer,
-                stats.format_mean_std([r.final(LSM_PREFIX + layer) for r in g.runs]),
-                stats.format_mean_std([r.final(VAL_LSM_PREFIX + layer) for r in g.runs]),
+                stats.format_mean_std([r.final(LSM_PREFIX + layer) for r in g.runs],
+                                      digits=LSM_DIGITS),
+                stats.format_mean_std([r.final(VAL_LSM_PREFIX + layer) for r in g.runs],
+                                      digits=LSM_DIGITS),
                 stats.format_mean_std([s.same_sign for s in syncs]),
                 stats.format_mean_std([s.spearman for s in syncs]),
             ])
