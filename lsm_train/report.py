@@ -294,7 +294,9 @@ def load_runs(folder: str | os.PathLike, acc_key: str = "auto") -> list[Run]:
     folder = Path(folder)
     if not folder.exists():
         raise ReportError(f"{folder} does not exist; expected a run or sweep folder")
-    if not folder.is_dir():
+    if folder.is_file() and folder.name == METRICS_FILE:
+        folder = folder.parent  # a run's metrics.jsonl given directly: its run folder
+    elif not folder.is_dir():
         raise ReportError(f"{folder} is not a folder; expected a run or sweep folder")
     if (folder / METRICS_FILE).is_file():
         runs = [Run.load(folder)]

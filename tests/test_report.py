@@ -348,6 +348,11 @@ def test_cli_bad_input_gives_clear_error(tmp_path, capsys):
     run_dir = write_run(tmp_path / "run", lockstep_rows(ACC))
     assert report.main([str(run_dir), "--threshold", "90", "--no-plots"]) == 2
     assert "threshold" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("x")
+    assert report.main([str(tmp_path / "notes.txt")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    # the metrics file itself stands for its run folder
+    assert report.main([str(run_dir / "metrics.jsonl"), "--no-plots"]) == 0
 
 
 def test_cli_prints_warnings_for_truncated_runs(tmp_path, capsys):
