@@ -711,6 +711,8 @@ def build_report(
     if not (0.0 <= threshold <= 1.0) or math.isnan(threshold):
         raise ReportError(f"threshold must be an accuracy in [0, 1], got {threshold}")
     folder = Path(folder)
+    if folder.is_file() and folder.name == METRICS_FILE:
+        folder = folder.parent
     runs = load_runs(folder, acc_key)
     out = Path(out) if out is not None else folder / "report"
     out.mkdir(parents=True, exist_ok=True)
