@@ -27,8 +27,9 @@ of :func:`lsm_train.measures.layer.layer_separability`; or a callable ``(H, y) -
 the guard's score is the mean over the layers. Probe passes run on the unwrapped module
 (DDP / torch.compile wrappers peeled) under ``torch.no_grad`` in eval mode, so dropout is
 off and BatchNorm running statistics and ``num_batches_tracked`` never change; each
-module's own ``training`` flag is restored afterwards. Non-finite features or scores count
-as NaN, and a NaN score after a step is a rejection.
+module's own ``training`` flag is restored afterwards. Non-finite features (which the built-in
+measures reject with a ValueError) give a NaN layer score, and a NaN or infinite score after
+a step is a rejection.
 
 Distributed. When ``torch.distributed`` is initialized, the per-layer scores are averaged
 over the ranks of ``process_group`` (default: the world) with ``all_reduce``, and so is the
