@@ -12,11 +12,13 @@ x = A_Sᵀα − B_Tᵀβ. A major step adds the rows with the largest Frank–W
 to 8 at a time, each checked for affine independence); minor steps move to the minimiser
 over the affine hull of the corral (Σα = Σβ = 1: the system M w = E μ with
 M = Z Zᵀ + E Eᵀ, solved with a Cholesky factor that grows by one row per appended row) and
-drop the rows whose weight reaches zero — lazily, through the cached columns M⁻¹[E, I_D],
-so the factor is rebuilt only once per 48 dropped rows. The norm decreases at every step and
-the method terminates in exact arithmetic with the exact nearest point. The oracle runs on a
-working set of rows and is checked against all rows only when the working set is solved;
-the most violating rows (64 per side) then join it (column generation). Data are centred
+drop the rows whose weight reaches zero (all negative ones at once when clipping them
+lowers the norm, else Wolfe's line search) — lazily, through the cached columns
+M⁻¹[E, I_D], so the factor is rebuilt only once per 48 dropped rows. The norm decreases
+at every step and the method terminates in exact arithmetic with the exact nearest point.
+The oracle runs on a working set of rows and is checked against all rows only when the
+working set is solved; the most violating rows (128 per side) then join it (column
+generation). Data are centred
 and scaled first (ρ is translation invariant and scales linearly). The large products run
 in float64 on the inputs' device; the small corral algebra runs in float64 numpy on the CPU
 (single-threaded BLAS).
@@ -126,12 +128,22 @@ class _Corral:
         hit = np.flatnonzero((self.side == side) & (self.idx == i))
         return int(hit[0]) if len(hit) else -1
 
+    def _tri(self, r: np.ndarray, trans: str = "N") -> np.ndarray:
+        """L⁻¹r (or L⁻ᵀr): solved with the padded buffer (identity beyond row s), so that
+        appending a row never copies the factor."""
+        s, cap = self.s, self._L.shape[0]
+        pad = np.zeros((cap,) + r.shape[1:])
+        pad[:s] = r
+        return solve_triangular(self._L, pad, lower=True, trans=trans, check_finite=False)[:s]
+
     def _solve(self, R: np.ndarray) -> np.ndarray:
-        Y = solve_triangular(self.L, R, lower=True, check_finite=False)
-        return solve_triangular(self.L, Y, lower=True, trans="T", check_finite=False)
+        return self._tri(self._tri(R), "T")
 
     def _factor(self) -> None:
-        self.L = np.linalg.cholesky(self.M)
+        s = self.s
+        cap = -(-(s + 1) // 64) * 64
+        self._L = np.eye(cap)
+        self._L[:s, :s] = np.linalg.cholesky(self.M)
         E = np.stack([self.side, ~self.side], 1).astype(np.float64)
         self.K = self._solve(E)  # M⁻¹ E; columns M⁻¹ e_j of dropped rows follow
         self.D: list[int] = []
@@ -142,22 +154,24 @@ class _Corral:
         s = self.s
         m = self.z @ z + (self.side == side)
         mnn = z @ z + 1.0
-        lrow = solve_triangular(self.L, m, lower=True, check_finite=False)
+        lrow = self._tri(m)
         piv = mnn - lrow @ lrow
         if piv <= 1e-12 * mnn:
             if not self.D:
                 return False
             self._compact()  # it may only depend on dropped rows
             return self.append(z, side, i)
-        q = solve_triangular(self.L, lrow, lower=True, trans="T", check_finite=False)  # M⁻¹m
+        q = self._tri(lrow, "T")  # M⁻¹m
         # bordered inverse: M'⁻¹[r; ρ] = [M⁻¹r + q·(qᵀr − ρ)/piv; (ρ − qᵀr)/piv], where ρ is
         # the new row's entry of E (its side) and 0 for the e_j columns
         t = m @ self.K
         t[int(not side)] -= 1.0
         self.K = np.vstack([self.K + np.outer(q, t / piv), -t / piv])
-        L = np.zeros((s + 1, s + 1))
-        L[:s, :s], L[s, :s], L[s, s] = self.L, lrow, np.sqrt(piv)
-        self.L = L
+        if s + 1 >= self._L.shape[0]:  # keep at least one identity row of padding
+            L = np.eye(self._L.shape[0] + 64)
+            L[:s, :s] = self._L[:s, :s]
+            self._L = L
+        self._L[s, :s], self._L[s, s] = lrow, np.sqrt(piv)
         if s == self._Z.shape[0]:
             cap = 2 * s
             Z, M = np.zeros((cap, self._Z.shape[1])), np.zeros((cap, cap))
@@ -217,6 +231,17 @@ class _Corral:
             if not neg.any():
                 self.v = np.where(self.dropped, 0.0, w)
                 return
+            # optimistic step: clip the negative weights and renormalise; taken when it
+            # lowers the norm (it is a feasible point), dropping all those rows at once
+            on, live = self.side, ~self.dropped & ~neg
+            if (live & on).any() and (live & ~on).any():
+                wc = np.where(live, w, 0.0)
+                wc = np.where(on, wc / wc[on].sum(), wc / wc[~on].sum())
+                xc, x = wc @ self.z, self.x
+                if xc @ xc < x @ x:
+                    self.v = wc
+                    self._drop(np.flatnonzero(neg))
+                    continue
             dv = self.v - w
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.where(neg & (dv > 0), self.v / dv, np.inf)
@@ -235,7 +260,7 @@ class _Corral:
 
 
 def _wolfe(
-    a: torch.Tensor, b: torch.Tensor, tol: float, max_iter: int, batch: int = 64, bulk: int = 8
+    a: torch.Tensor, b: torch.Tensor, tol: float, max_iter: int, batch: int = 128, bulk: int = 8
 ):
     """Working-set Wolfe iteration on centred, scaled float64 data (a, b on any device).
 
