@@ -306,13 +306,22 @@ class Trainer:
 
             mcfg = dict(_plain(_get(cfg, "model", {})) or {})
             kwargs = dict(mcfg.get("kwargs") or {})
-            model = create_model(
-                mcfg.get("name", "mlp"),
-                num_classes=self.data.num_classes,
-                in_channels=self.data.in_channels,
-                image_size=self.data.image_size,
-                **kwargs,
-            )
+            try:
+                model = create_model(
+                    mcfg.get("name", "mlp"),
+                    num_classes=self.data.num_classes,
+                    in_channels=self.data.in_channels,
+                    image_size=self.data.image_size,
+                    **kwargs,
+                )
+            except ValueError as err:
+                if "unknown option" not in str(err):
+                    raise
+                raise ValueError(
+                    f"{err}. model.kwargs come from conf/model/<name>.yaml and the recipe; "
+                    "after model=<other> on a recipe that sets model.kwargs, use that "
+                    "family's recipe or drop a key with ~model.kwargs.<key>"
+                ) from err
         self.model = model.to(self.device)
 
         # layers, probe sets ---------------------------------------------------------

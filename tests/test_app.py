@@ -96,6 +96,13 @@ def test_default_recipe_is_quickstart_mlp_digits_both():
     assert cfg.logger.wandb.mode == "offline"
 
 
+def test_switching_the_model_of_a_recipe_keeps_that_models_own_options():
+    cfg = compose(["recipe=quickstart", "model=cnn"])
+    assert cfg.model.name == "cnn" and "width" not in cfg.model.kwargs
+    cfg = compose(["recipe=paper/synchronicity", "model=vit"])
+    assert cfg.model.name == "vit" and cfg.model.kwargs.dim == 64
+
+
 def test_recipes_win_over_groups_and_command_line_wins_over_recipes():
     cfg = compose(["recipe=zoo/cnn-digits"])
     assert cfg.model.name == "cnn" and list(cfg.model.kwargs.channels) == [16, 32]
@@ -328,6 +335,15 @@ def test_setup_failures_are_setup_errors_before_any_step(tmp_path):
     with pytest.raises(SetupError, match=r"data\.download=true"):
         train_from_config(cfg, tmp_path / "a")
     cfg = compose(["+model.kwargs.wdith=3", *FAST])  # a typo in a model option
-    with pytest.raises(SetupError, match="unknown option"):
+    with pytest.raises(SetupError, match=r"unknown option[\s\S]*~model\.kwargs"):
         train_from_config(cfg, tmp_path / "b")
     assert not (tmp_path / "a" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("extra", [["data.shape=vector"],
+                                   ["data.shape=image", "model=cnn"]])
+def test_synthetic_data_runs_through_the_app(tmp_path, extra):
+    cfg = compose(["data=synthetic", "data.overlap=0.2", "debug=smoke", *extra, *FAST])
+    res = train_from_config(cfg, tmp_path)
+    assert res.status == "completed" and res.step == 3
+    assert 0.0 <= read_metrics(tmp_path)[-1]["val/acc"] <= 1.0
