@@ -91,6 +91,10 @@ def test_direction_certifies_the_lower_bound():
         (np.array([[0.0, 0.0], [2.0, 0.0]]), np.array([[1.0, 0.0], [1.0, 1.0]])),  # touching
         (np.array([[1.0, 2.0, 3.0]]), np.array([[1.0, 2.0, 3.0]])),  # same point
         (np.array([[0.0], [2.0]]), np.array([[1.0]])),  # 1-D, inside
+        (  # a shared point: separate BLAS calls may round its two scores differently
+            np.array([[2.0, -3.0]]),
+            np.array([[-1.0, 1.0], [2.0, -3.0], [-3.0, 4.0], [-3.0, 4.0]]),
+        ),
     ],
 )
 def test_exactly_zero_when_not_strictly_separable(A, B):
@@ -105,6 +109,17 @@ def test_exactly_zero_on_overlapping_clouds():
     B = rng.standard_normal((300, 20)) + 0.2  # 600 points in 20-D: heavily overlapping
     assert md_lsm_margin(A, B) == 0.0
     assert not lt.separability_test(A, B).separable
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_exactly_zero_when_far_apart_sets_share_one_point(seed):
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((40, 30)) * rng.uniform(0.1, 100)
+    B = rng.standard_normal((40, 30)) * 3 + 50.0
+    assert md_lsm_margin(A, B) > 0
+    B[int(rng.integers(40))] = A[int(rng.integers(40))]
+    assert md_lsm_margin(A, B) == 0.0
+    assert md_lsm_margin(B, A) == 0.0
 
 
 def test_zero_iff_separability_test_says_not_separable():

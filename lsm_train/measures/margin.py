@@ -313,8 +313,12 @@ def _wolfe(
             continue
         # working set solved (or out of steps, or numerically stalled): check every row
         xt = torch.as_tensor(x, device=a.device)
-        fa, fb = (a @ xt).cpu().numpy(), (b @ xt).cpu().numpy()
-        lo = (float(fa.min()) - float(fb.max())) / np.sqrt(xx)
+        # elementwise product and row sum: the same arithmetic for every row, so a point
+        # shared by A and B gets bit-identical scores and never fakes a positive gap
+        fa, fb = (a * xt).sum(1).cpu().numpy(), (b * xt).sum(1).cpu().numpy()
+        gap = float(fa.min()) - float(fb.max())
+        noise = 64 * np.finfo(float).eps * max(np.abs(fa).max(), np.abs(fb).max())
+        lo = gap / np.sqrt(xx) if gap > noise else 0.0  # certified only above rounding
         if lo > lower:
             lower, best_u = lo, x / np.sqrt(xx)
         if np.sqrt(xx) - lower <= tol * np.sqrt(xx):
