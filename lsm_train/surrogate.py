@@ -94,7 +94,7 @@ def _features(H: Any, reduce: str) -> tuple[torch.Tensor, float]:
     [2^-24, 2^24]); the caller works on H / m, which keeps every sum of squares finite even for
     huge finite features. S_τ is scale invariant and m is exact, so this changes nothing else.
 
-    One pass (aminmax) both finds max|H| and checks finiteness (NaN/inf propagate to it); only
+    One pass (aminmax) both finds max|H| and checks finiteness (NaN/inf propagate); only
     a non-finite result runs the full :func:`check_points`, which raises the detailed error."""
     t = to_tensor(H, "H")
     if not t.is_floating_point():
@@ -103,9 +103,8 @@ def _features(H: Any, reduce: str) -> tuple[torch.Tensor, float]:
     if t.ndim != 2 or 0 in t.shape:
         t = check_points(t, "H")  # raises the shape error
     t = _as_float(t)
-    lo, hi = torch.aminmax(t.detach())
-    lo, hi = torch.stack([lo, hi]).tolist()
-    top = max(-lo, hi)
+    lo, hi = torch.aminmax(t.detach())  # NaN and inf propagate to them
+    top = max(-float(lo), float(hi))
     if not math.isfinite(top):
         check_points(t, "H")  # raises: NaN or inf in H
     if 0.0 < top and not (2.0**-24 <= top <= 2.0**24):
@@ -197,15 +196,66 @@ def _shrunk_solve(
 # --------------------------------------------------------------------------- directions
 
 
+class _Consts:
+    """Per-dtype label tensors of a :class:`_Layout` (lazy): one-hot Y, counts, Y / n_k, the
+    pair counts and task weights 1 / (T · pairs_t) per scheme, the ovr coefficients."""
+
+    def __init__(self, lay: _Layout, dtype: torch.dtype):
+        self.lay, self.dtype = lay, dtype
+
+    @functools.cached_property
+    def Y(self) -> torch.Tensor:
+        return self.lay.onehot(self.dtype)
+
+    @functools.cached_property
+    def cnt(self) -> torch.Tensor:
+        return self.lay.count_t.to(self.dtype)
+
+    @functools.cached_property
+    def Yn(self) -> torch.Tensor:
+        return self.Y / self.cnt
+
+    def _tensor(self, values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=self.dtype, device=self.lay.inverse.device)
+
+    @functools.cached_property
+    def _pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        c, n = self.lay.counts, self.lay.n
+        pw = [c[k] * c[l] for k, l in self.lay.tasks("pairwise")]
+        po = [ck * (n - ck) for ck in c]
+        return {
+            "pairwise": (self._tensor(pw), self._tensor([1.0 / (p * len(pw)) for p in pw])),
+            "ovr": (self._tensor(po), self._tensor([1.0 / (p * len(po)) for p in po])),
+        }
+
+    def pairs(self, scheme: str) -> torch.Tensor:
+        """|A|·|B| per task."""
+        return self._pairs[scheme][0]
+
+    def task_weights(self, scheme: str) -> torch.Tensor:
+        """1 / (T · |A|·|B|) per task: d(mean_t S_t) / d(pair sum_t)."""
+        return self._pairs[scheme][1]
+
+    @functools.cached_property
+    def offdiag(self) -> torch.Tensor:
+        K = self.lay.K
+        return 1.0 - torch.eye(K, dtype=self.dtype, device=self.lay.inverse.device)
+
+    @functools.cached_property
+    def C(self) -> torch.Tensor:
+        return self.lay.ovr_coefficients(self.dtype)
+
+
 class _Layout:
     """Classes of a batch: sorted labels, index of each sample's class, class sizes; the
     Python lists (counts, starts) and the by-class order only when the blocked path asks."""
 
     def __init__(self, labels: torch.Tensor):
-        self.classes, self.inverse = torch.unique(labels, return_inverse=True)
+        self.classes, self.inverse, self.count_t = torch.unique(
+            labels, return_inverse=True, return_counts=True
+        )
         self.K = int(self.classes.numel())
         self.n = int(labels.numel())
-        self.count_t = torch.bincount(self.inverse, minlength=self.K)
 
     @functools.cached_property
     def counts(self) -> list[int]:
@@ -227,8 +277,26 @@ class _Layout:
 
     def pair_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Class indices (k, l) of the pairwise tasks, k < l."""
+        return self._pair_index
+
+    @functools.cached_property
+    def _pair_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         k, l = torch.triu_indices(self.K, self.K, offset=1, device=self.inverse.device)
         return k, l
+
+    def consts(self, dtype: torch.dtype) -> _Consts:
+        """Label-only tensors of the fused path, each built on first use, once per dtype."""
+        cache = self.__dict__.setdefault("_consts", {})
+        if dtype not in cache:
+            cache[dtype] = _Consts(self, dtype)
+        return cache[dtype]
+
+    def onehot(self, dtype: torch.dtype) -> torch.Tensor:
+        """Y (n × K): Y[i, k] = 1 if sample i is in class k (cached per dtype)."""
+        cache = self.__dict__.setdefault("_onehot", {})
+        if dtype not in cache:
+            cache[dtype] = torch.nn.functional.one_hot(self.inverse, self.K).to(dtype)
+        return cache[dtype]
 
     def ovr_coefficients(self, dtype: torch.dtype) -> torch.Tensor:
         """C (K × K): δ_k = μ_k − μ_rest(k) = Mu @ C[:, k], μ_rest = Σ_{j≠k} n_j μ_j / (n − n_k)."""
@@ -278,7 +346,7 @@ def _directions(
     n, d = H.shape
     dtype, K = H.dtype, lay.K
     cnt = lay.count_t.to(dtype)
-    Y = torch.nn.functional.one_hot(lay.inverse, K).to(dtype)
+    Y = lay.onehot(dtype)
     Mr = (Y / cnt).mT @ H  # K × d class means
     U = torch.addmm(H, Y, Mr, alpha=-1.0)  # within-class centered rows
     Mc = Mr - (cnt / n) @ Mr  # class means about the batch mean
@@ -465,7 +533,7 @@ def _dense_task_scores(
     entries of Yᵀ F Y (F the n × n soft counts): same-class entries of F land on the diagonal
     and are never used, so they need no mask."""
     inv, K = lay.inverse, lay.K
-    Y = torch.nn.functional.one_hot(inv, K).to(P.dtype)
+    Y = lay.onehot(P.dtype)
     cnt = lay.count_t.to(P.dtype)
     g, E = P.gather(1, inv[:, None]), P @ Y.mT
     if scheme == "pairwise":
@@ -484,6 +552,170 @@ def _dense_task_scores(
         pairs = cnt * (lay.n - cnt)
         sums = (M * (1.0 - torch.eye(K, dtype=P.dtype, device=P.device))).sum(1)
     return (sums / pairs - floor).clamp(0.0, 1.0)
+
+
+class _FastSoft(torch.autograd.Function):
+    """In-sample S_τ (mean over tasks) of a small batch (n² <= _DENSE_ELEMS) as one autograd
+    node: the arithmetic of :func:`_directions` + :func:`_dense_task_scores`, run without
+    recording a graph, and a hand-written adjoint backward that reuses the factorization and
+    the forward's n × n intermediates. About 80 tensor ops in all instead of ~200 recorded
+    ones: at training batch sizes the per-op overhead, not the arithmetic, is what costs.
+    α and ᾱ are taken as Python numbers (one host sync each on an accelerator).
+
+    Backward (ḡ: upstream scalar), in reverse order of the forward: weights
+    M̄_t = ḡ/(T·pairs_t) on the used entries of M = Yᵀ F Y; x̄ = (Y M̄ Yᵀ) ∘ σ'(x) on |x| <= c;
+    the projections P̄ and rates R̄ (R̄ → Ḡ through the quadratic forms); then with
+    P = U Z + Y G, G = Mc Z: Ḡ' = Ḡ + Yᵀ P̄, Z̄ = Uᵀ P̄ + Mcᵀ Ḡ', A = Σ_s⁻¹ Z̄ (dual: Woodbury
+    with the n × n factor), ᾱ = tr(−A Zᵀ), Ū = P̄ Zᵀ − c U (A Zᵀ + Z Aᵀ) + 2 (∂α/∂‖U‖²) ᾱ U,
+    M̄c = Ḡ' Zᵀ + Aᵀ + 2 (∂α/∂‖Hc‖²) ᾱ n_k Mc, and H̄ through U = H − Y Mr,
+    Mc = Mr − w Mr, Mr = (Y / n_k)ᵀ H. Under create_graph (double backward) it recomputes the
+    value with the recorded ops and differentiates that, so higher derivatives stay exact."""
+
+    @staticmethod
+    def forward(ctx, H, lay, scheme, shrinkage, tau, dual):
+        n, d = H.shape
+        dtype, K = H.dtype, lay.K
+        k_ = lay.consts(dtype)
+        Y, counts = k_.Y, lay.counts
+        Mr = k_.Yn.mT @ H  # K × d class means
+        U = torch.addmm(H, Y, Mr, alpha=-1.0)
+        Mc = Mr - H.mean(0, keepdim=True)  # class means about the batch mean
+        m = max(n - K, 1)
+        c = (1.0 - shrinkage) / m
+        eps = torch.finfo(dtype).eps
+        if dual is None:
+            dual = d > n
+        if dual:
+            V = torch.cat([U, Mc])
+            Gm = V @ V.mT
+            Ku, B, MM = Gm[:n, :n], Gm[:n, n:], Gm[n:, n:]
+            dg = Gm.diagonal().tolist()
+            ssu = math.fsum(dg[:n])
+            ss = ssu + math.fsum(ck * v for ck, v in zip(counts, dg[n:], strict=True))
+        else:
+            MM = Mc @ Mc.mT
+            ssu = float(U.square().sum())
+            mm = MM.diagonal().tolist()
+            ss = ssu + math.fsum(ck * v for ck, v in zip(counts, mm, strict=True))
+        a1, a2 = shrinkage / (m * d), _RIDGE / (n * d)
+        alpha = ssu * a1 + ss * a2 + _RIDGE * eps**2
+        kind, F = "scalar", ()
+        if dual:
+            if c == 0.0:
+                Sol = B / alpha
+            else:
+                Gd = Ku * c
+                Gd.diagonal().add_(alpha)
+                kind, F = _factor(Gd)
+                Sol = _apply_factor(kind, F, B)
+            Z = torch.addmm(Mc.mT, U.mT, Sol, beta=1.0 / alpha, alpha=-c / alpha)
+            G = torch.addmm(MM, B.mT, Sol, beta=1.0 / alpha, alpha=-c / alpha)
+            P = torch.addmm(Sol, Y, G)  # = U Z + Y G
+            UZ = Sol  # U Z = (B − c Ku Sol) / α = Sol
+        else:
+            if c == 0.0:
+                Z = Mc.mT / alpha
+            else:
+                Sg = U.mT @ U
+                Sg.mul_(c).diagonal().add_(alpha)
+                kind, F = _factor(Sg)
+                Z = _apply_factor(kind, F, Mc.mT.contiguous())
+            G = Mc @ Z
+            UZ = U @ Z
+            P = torch.addmm(UZ, Y, G)
+        if scheme == "pairwise":
+            dg = G.diagonal()
+            quad = (dg[:, None] + dg) - (G + G.mT)
+            C = None
+        else:
+            C = k_.C
+            quad = (C * (G @ C)).sum(0)
+            P = P @ C
+        R = quad.clamp_min(0.0).add_(eps).rsqrt_()
+        Rt = R * (1.0 / tau)
+        # dense soft count (as _dense_task_scores)
+        inv = lay.inverse
+        g, E = P.gather(1, inv[:, None]), P @ Y.mT
+        if scheme == "pairwise":
+            S = (g - E).add_(g.mT).sub_(E.mT)  # g_a + g_b − E_ab − E_ba
+            Rn = Y @ Rt @ Y.mT
+        else:
+            S = g - E.mT
+            Rn = (Y @ Rt)[:, None]
+        x = S * Rn
+        cut = _cut(dtype)
+        z = torch.sigmoid(x.clamp(-cut, cut))
+        M = Y.mT @ (z @ Y)
+        dz = torch.addcmul(z, z, z, value=-1.0).masked_fill_(x.abs() > cut, 0.0)  # σ', flat cut
+        floor = 1.0 / (1.0 + math.exp(cut))
+        pairs = k_.pairs(scheme)
+        if scheme == "pairwise":
+            kk, ll = lay.pair_index()
+            raw = M[kk, ll] / pairs - floor
+        else:
+            raw = (M * k_.offdiag).sum(1) / pairs - floor
+        dRq = R.pow(3).mul_(-0.5 / tau).masked_fill_(quad < 0, 0.0)  # ∂Rt/∂quad
+        ctx.lay, ctx.scheme, ctx.shrinkage, ctx.tau, ctx.dual = lay, scheme, shrinkage, tau, dual
+        ctx.consts = (c, alpha, a1, a2, kind)
+        ctx.save_for_backward(H, U, Mc, Z, UZ, S, Rn, dz, dRq, raw, *F)
+        return raw.clamp(0.0, 1.0).mean()
+
+    @staticmethod
+    def backward(ctx, gv):
+        H, U, Mc, Z, UZ, S, Rn, dz, dRq, raw, *F = ctx.saved_tensors
+        lay, scheme = ctx.lay, ctx.scheme
+        if torch.is_grad_enabled():  # create_graph: differentiate the recorded ops instead
+            with torch.enable_grad():
+                v = _soft_md_lsm_graph(H, lay, scheme, ctx.shrinkage, ctx.tau, ctx.dual).mean()
+            (gH,) = torch.autograd.grad(v, H, gv, create_graph=True)
+            return gH, None, None, None, None, None
+        c, alpha, a1, a2, kind = ctx.consts
+        k_ = lay.consts(H.dtype)
+        Y, Yn, K = k_.Y, k_.Yn, lay.K
+        # value = mean_t clamp(raw_t, 0, 1), raw_t = M_t / pairs_t − floor
+        gs = torch.where((raw >= 0) & (raw <= 1), gv * k_.task_weights(scheme), 0.0)
+        if scheme == "pairwise":  # M[k, l], k < l: symmetric weights (x and F are symmetric)
+            kk, ll = lay.pair_index()
+            gM = gs.new_zeros(K, K).index_put_((kk, ll), gs).index_put_((ll, kk), gs)
+        else:
+            gM = gs[:, None] * k_.offdiag
+        gx = (Y @ gM @ Y.mT).mul_(dz)
+        gS = gx * Rn
+        if scheme == "pairwise":  # S = D + Dᵀ, D = g 1ᵀ − P Yᵀ; gx symmetric, so D̄ = S̄ (both)
+            gRt = Y.mT @ (gx.mul_(S)) @ Y
+            gP = torch.addmm(Y * gS.sum(1, keepdim=True), gS, Y, alpha=-1.0)
+            gq = gRt.mul_(dRq)
+            gG = torch.diag_embed(gq.sum(1)) - gq  # quad = dg_k + dg_l − G − Gᵀ (gq symmetric)
+        else:  # S = g 1ᵀ − (P Yᵀ)ᵀ, Rn = Y Rt
+            gRt = Y.mT @ (gx.mul_(S)).sum(1)
+            gP = torch.addmm(Y * gS.sum(1, keepdim=True), gS.mT, Y, alpha=-1.0)
+            C = k_.C
+            gG = (C * (gRt * dRq)) @ C.mT
+            gP = gP @ C.mT
+        gG = torch.addmm(gG, Y.mT, gP)  # P = U Z + Y G
+        gZ = torch.addmm(U.mT @ gP, Mc.mT, gG)
+        gU = gP @ Z.mT
+        gMc = gG @ Z.mT
+        # Z = Σ_s⁻¹ Mcᵀ, Σ_s = α I + c UᵀU
+        if c == 0.0:
+            A = gZ / alpha
+        elif ctx.dual:
+            t = _apply_factor(kind, tuple(F), U @ gZ)
+            A = torch.addmm(gZ, U.mT, t, beta=1.0 / alpha, alpha=-c / alpha)
+        else:
+            A = _apply_factor(kind, tuple(F), gZ)
+        gMc.add_(A.mT)
+        galpha = -float((A * Z).sum())
+        if c != 0.0:
+            gU = torch.addmm(gU, U @ A, Z.mT, alpha=-c)
+            gU = torch.addmm(gU, UZ, A.mT, alpha=-c)
+        # α = a1‖U‖² + a2 (‖U‖² + Σ_k n_k ‖Mc_k‖²) + const
+        gU.add_(U, alpha=2.0 * (a1 + a2) * galpha)
+        gMc.addcmul_(k_.cnt[:, None], Mc, value=2.0 * a2 * galpha)
+        # U = H − Y Mr, Mc = Mr − mean(H), Mr = (Y / n_k)ᵀ H
+        gH = torch.addmm(gU, Yn, torch.addmm(gMc, Y.mT, gU, alpha=-1.0))
+        gH.sub_(gMc.sum(0, keepdim=True), alpha=1.0 / H.shape[0])
+        return gH, None, None, None, None, None
 
 
 def _scores(
@@ -546,6 +778,12 @@ def soft_md_lsm(
     with _full_precision(X.device):
         if crossfit:
             return _soft_md_lsm_crossfit(X, labels, tau, scheme, shrinkage, detach_directions)
+        if not detach_directions:
+            lay = _Layout(labels)
+            if lay.K >= 2 and lay.n * lay.n <= _DENSE_ELEMS:
+                return _FastSoft.apply(X, lay, scheme, shrinkage, tau, None)
+            if lay.K >= 2:
+                return _soft_md_lsm_graph(X, lay, scheme, shrinkage, tau, None).mean()
         return _soft_md_lsm(X, labels, tau, scheme, shrinkage, detach_directions).mean()
 
 
@@ -567,8 +805,17 @@ def _soft_md_lsm(
     if detach_directions:  # P = Hc @ W with W (and r) constants
         _, W, R = _directions(X.detach(), lay, scheme, shrinkage, dual, need_w=True)
         P = (X - X.mean(0, keepdim=True)) @ W
-    else:
-        P, _, R = _directions(X, lay, scheme, shrinkage, dual)
+        if scheme == "ovr":
+            P = lay.combine(P, scheme)
+        return _scores(P, lay, scheme, R, tau)
+    return _soft_md_lsm_graph(X, lay, scheme, shrinkage, tau, dual)
+
+
+def _soft_md_lsm_graph(
+    X: torch.Tensor, lay: _Layout, scheme: str, shrinkage: float, tau: float, dual: bool | None
+) -> torch.Tensor:
+    """Per-task S_τ (T,) with every op recorded by autograd (the reference for _FastSoft)."""
+    P, _, R = _directions(X, lay, scheme, shrinkage, dual)
     if scheme == "ovr":
         P = lay.combine(P, scheme)
     return _scores(P, lay, scheme, R, tau)

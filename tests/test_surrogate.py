@@ -180,12 +180,26 @@ def test_dual_path_never_forms_d_by_d(monkeypatch):
 
     monkeypatch.setattr(sur, "_spd_solve", spy)
     H, y = _data(12, 200, K=4)
-    v = soft_md_lsm(H, y)
-    assert torch.isfinite(v)
+    v = sur._soft_md_lsm(H, y, 0.5, "pairwise", 0.1)  # the recorded-graph path
+    assert torch.isfinite(v).all()
     assert sizes == [(12, 12)]  # one factorization for all class pairs, n × n
     sizes.clear()
-    soft_md_lsm(*_data(40, 6, K=4))
+    sur._soft_md_lsm(*_data(40, 6, K=4), 0.5, "pairwise", 0.1)
     assert sizes == [(6, 6)]
+    # the fused small-batch path (soft_md_lsm's default): one factorization, reused backward
+    factored = []
+    real_factor = sur._factor
+
+    def spy_factor(S):
+        factored.append(S.shape)
+        return real_factor(S)
+
+    monkeypatch.setattr(sur, "_factor", spy_factor)
+    for n, d, shape in [(12, 200, (12, 12)), (40, 6, (6, 6))]:
+        factored.clear()
+        Hg = _data(n, d, K=4)[0].requires_grad_(True)
+        soft_md_lsm(Hg, _data(n, d, K=4)[1]).backward()
+        assert factored == [shape]
 
 
 def test_scale_and_translation_invariance():
