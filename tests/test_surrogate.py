@@ -109,10 +109,80 @@ def test_imbalanced_shuffled_classes_and_memory_blocks(scheme, monkeypatch):
     (g_full,) = torch.autograd.grad(v, Hg)
     np.testing.assert_allclose(v.item(), ref, rtol=1e-9)
     monkeypatch.setattr(sur, "_BLOCK_ELEMS", 10)  # many small blocks, some tasks over budget
+    monkeypatch.setattr(sur, "_DENSE_ELEMS", 0)  # the blocked path, not the dense n × n one
     v_blk = soft_md_lsm(Hg, y, 0.6, scheme=scheme)
     (g_blk,) = torch.autograd.grad(v_blk, Hg)
     np.testing.assert_allclose(v_blk.item(), ref, rtol=1e-9)
     np.testing.assert_allclose(g_blk.numpy(), g_full.numpy(), rtol=1e-9, atol=1e-14)
+
+
+def _fast_and_graph(H, y, scheme, shrinkage, tau=0.6, dual=None):
+    """(value, grad) of the fused path and of the recorded-ops path."""
+    out = []
+    for fused in (True, False):
+        Hg = H.clone().requires_grad_(True)
+        lay = sur._Layout(y)
+        if fused:
+            v = sur._FastSoft.apply(Hg, lay, scheme, shrinkage, tau, dual)
+        else:
+            v = sur._soft_md_lsm_graph(Hg, lay, scheme, shrinkage, tau, dual).mean()
+        (g,) = torch.autograd.grad(v, Hg)
+        out.append((v.item(), g))
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["pairwise", "ovr"])
+@pytest.mark.parametrize("dual", [False, True])
+@pytest.mark.parametrize("shrinkage", [0.0, 0.3, 1.0])
+def test_fused_path_equals_recorded_ops(scheme, dual, shrinkage):
+    g = torch.Generator().manual_seed(11)
+    y = torch.tensor([3] * 7 + [0] * 2 + [8] * 5 + [1] * 1 + [5] * 4)  # a singleton class
+    y = y[torch.randperm(len(y), generator=g)]
+    H = torch.randn(len(y), 9, generator=g, dtype=torch.float64) + 0.4 * y[:, None]
+    (vf, gf), (vg, gg) = _fast_and_graph(H, y, scheme, shrinkage, dual=dual)
+    tol = 1e-7 if shrinkage > 0 else 1e-5  # λ = 0: only the 1e-6 ridge, ill-conditioned
+    np.testing.assert_allclose(vf, vg, rtol=1e-4 * tol)
+    np.testing.assert_allclose(gf.numpy(), gg.numpy(), rtol=tol, atol=1e-12 * gg.abs().max())
+    ref = _ref_soft(H.numpy(), y.numpy(), 0.6, scheme, shrinkage)
+    np.testing.assert_allclose(vf, ref, rtol=tol)
+
+
+def test_fused_path_float32_and_lu_fallback(monkeypatch):
+    H, y = _data(40, 70, K=4, shift=0.8)  # dual
+    for scheme in ("pairwise", "ovr"):
+        (vf, gf), (vg, gg) = _fast_and_graph(H.float(), y, scheme, 0.1)
+        assert gf.dtype == torch.float32
+        np.testing.assert_allclose(vf, vg, rtol=1e-5)
+        np.testing.assert_allclose(gf.numpy(), gg.numpy(), rtol=2e-3, atol=2e-4 * gg.abs().max())
+    (vc, gc), _ = _fast_and_graph(H, y, "pairwise", 0.1)
+    monkeypatch.setattr(sur, "_factor", lambda S: ("lu", torch.linalg.lu_factor(S)))
+    (vl, gl), _ = _fast_and_graph(H, y, "pairwise", 0.1)
+    np.testing.assert_allclose(vl, vc, rtol=1e-12)
+    np.testing.assert_allclose(gl.numpy(), gc.numpy(), rtol=1e-8, atol=1e-14)
+
+
+@pytest.mark.parametrize("scheme", ["pairwise", "ovr"])
+def test_paths_picked_by_size_agree(scheme, monkeypatch):
+    """soft_md_lsm: fused dense path for n² <= _DENSE_ELEMS, else the blocked one; same
+    value and gradient."""
+    H, y = _data(60, 7, K=5, shift=0.6)
+    out = []
+    for dense in (1 << 18, 0):
+        monkeypatch.setattr(sur, "_DENSE_ELEMS", dense)
+        Hg = H.clone().requires_grad_(True)
+        v = soft_md_lsm(Hg, y, 0.5, scheme=scheme)
+        (g,) = torch.autograd.grad(v, Hg)
+        out.append((v.item(), g))
+    np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-11)
+    np.testing.assert_allclose(out[0][1].numpy(), out[1][1].numpy(), rtol=1e-8, atol=1e-14)
+    calls = []
+    real = sur._FastSoft.apply
+    monkeypatch.setattr(sur._FastSoft, "apply", lambda *a: calls.append(1) or real(*a))
+    for dense, expected in ((60 * 60, [1]), (60 * 60 - 1, [])):
+        calls.clear()
+        monkeypatch.setattr(sur, "_DENSE_ELEMS", dense)
+        soft_md_lsm(H, y, scheme=scheme)
+        assert calls == expected
 
 
 def test_per_task_scores_in_task_order():
