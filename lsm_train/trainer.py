@@ -406,6 +406,7 @@ class Trainer:
             tau=float(cfg.get("tau", 0.5)),
             scheme=cfg.get("scheme", "pairwise"),
             warmup_steps=int(cfg.get("warmup_steps", 0)),
+            crossfit=bool(cfg.get("crossfit", True)),
         )
 
     def _build_guard(self, cfg: Any) -> torch.optim.Optimizer:
