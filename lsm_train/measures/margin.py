@@ -245,6 +245,9 @@ class _Corral:
             dv = self.v - w
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.where(neg & (dv > 0), self.v / dv, np.inf)
+            if not np.isfinite(ratio.min()):  # only weightless rows block: drop them
+                self._drop(np.flatnonzero(neg))
+                continue
             theta = min(max(float(ratio.min()), 0.0), 1.0)
             v = self.v + theta * (w - self.v)
             out = neg & (v <= 1e-14 * v.max())  # rows that hit 0 on the way leave
@@ -372,13 +375,16 @@ def md_lsm_margin(
         corral, lower, u, it, _ = _wolfe(a, b, tol, int(max_iter))
     upper = float(np.linalg.norm(corral.x)) * scale
     lower *= scale
+    upper = max(upper, lower)  # equal up to rounding once the optimum is reached
     if lower > 0.0:  # certified separable
         return _result(upper, lower, upper, u, it, ta, A, return_bounds)
 
     # no positive lower bound: decide exactly, on the corral rows first (a small LP: if
     # subsets of A and B are not separable, neither are A and B). The centred, scaled copy
     # goes to the LP (separability is invariant to both; the LP is better conditioned).
-    rows = [torch.as_tensor(corral.rows[corral.sides == s], device=a.device) for s in (1, 0)]
+    act = corral.v > 0  # the rows that carry the current point
+    rows = [torch.as_tensor(corral.rows[(corral.sides == s) & act], device=a.device)
+            for s in (1, 0)]
     cert = separability_test(a[rows[0]], b[rows[1]])
     if cert.separable:
         cert = separability_test(a, b)
