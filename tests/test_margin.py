@@ -205,3 +205,23 @@ def test_symmetry_translation_and_scaling(s, c):
     assert md_lsm_margin(B, A) == pytest.approx(m, rel=rel, abs=1e-9)
     assert md_lsm_margin(A + t, B + t) == pytest.approx(m, rel=rel, abs=1e-9)
     assert md_lsm_margin(c * A, c * B) == pytest.approx(c * m, rel=rel, abs=1e-9)
+
+
+def test_random_sets_with_ties_offsets_and_shared_points():
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        d = int(rng.integers(1, 25))
+        A = rng.standard_normal((rng.integers(1, 40), d))
+        shift = rng.uniform(0, 3) * rng.standard_normal(d)
+        B = rng.standard_normal((rng.integers(1, 40), d)) + shift
+        if rng.random() < 0.3:
+            A, B = np.round(A), np.round(B)  # duplicates and ties
+        if rng.random() < 0.15:
+            B = np.vstack([B, A[:1]])
+        if rng.random() < 0.3:
+            A, B = A * 1e3 + 1e4, B * 1e3 + 1e4
+        res = md_lsm_margin(A, B, return_bounds=True)
+        assert (res.value > 0) == lt.separability_test(A, B).separable
+        assert res.lower <= res.value <= res.upper
+        if res.value > 0:
+            assert (A @ res.w).min() - (B @ res.w).max() >= res.lower * (1 - 1e-9)
