@@ -240,6 +240,40 @@ def test_spd_solve_gradients_and_lu_fallback():
     assert torch.autograd.gradcheck(lambda R: sur._spd_solve(Q, R), (R,))
 
 
+@pytest.mark.parametrize("m", [127, 128, 256])
+def test_factor_bordered_at_multiples_of_128(m):
+    g = torch.Generator().manual_seed(m)
+    A = torch.randn(m, m + 5, generator=g, dtype=torch.float64)
+    S = A @ A.T / m + 0.1 * torch.eye(m, dtype=torch.float64)
+    kind, (L,) = sur._factor(S)
+    assert kind == "cholesky" and L.shape == (m, m)
+    np.testing.assert_allclose(L.numpy(), np.linalg.cholesky(S.numpy()), rtol=1e-10, atol=1e-12)
+    R = torch.randn(m, 3, generator=g, dtype=torch.float64)
+    np.testing.assert_allclose(
+        sur._apply_factor(kind, (L,), R).numpy(), np.linalg.solve(S.numpy(), R.numpy()),
+        rtol=1e-8,
+    )
+
+
+def test_layout_reuse_is_exact():
+    H, y = _data(30, 5, K=3)
+    lay = sur._layout(y)
+    assert sur._layout(y.clone()) is lay  # equal contents: reused
+    ref = _ref_soft(H.numpy(), y.numpy())
+    np.testing.assert_allclose(soft_md_lsm(H, y).item(), ref, rtol=1e-9)
+    y2 = y.clone()
+    y2[:4] = torch.tensor([2, 0, 1, 1])  # same tensor object later modified: never stale
+    assert sur._layout(y2) is not lay
+    np.testing.assert_allclose(soft_md_lsm(H, y2).item(), _ref_soft(H.numpy(), y2.numpy()),
+                               rtol=1e-9)
+    y.copy_(y2)  # in place
+    np.testing.assert_allclose(soft_md_lsm(H, y).item(), _ref_soft(H.numpy(), y2.numpy()),
+                               rtol=1e-9)
+    for k in range(6):  # a bounded cache
+        sur._layout(torch.arange(30) % (k + 2))
+    assert len(sur._LAYOUTS) <= 4
+
+
 def test_dual_path_never_forms_d_by_d(monkeypatch):
     sizes = []
     real = sur._spd_solve
