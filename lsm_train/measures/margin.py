@@ -9,9 +9,9 @@ directly. A ⊖ B is never formed: the linear oracle of P is the support functio
 ``argmin_{p∈P} x·p = argmin_a x·a − argmax_b x·b`` (two matrix-vector products), and the
 iterate is kept as convex weights over a "corral" of rows of A and of B separately,
 x = A_Sᵀα − B_Tᵀβ. A major step adds the rows with the largest Frank–Wolfe violations (up
-to 8 at a time, each checked for affine independence); minor steps move to the minimiser
-over the affine hull of the corral (Σα = Σβ = 1: the system M w = E μ with
-M = Z Zᵀ + E Eᵀ, solved with a Cholesky factor that grows by one row per appended row) and
+to 8 at a time, in one block update that skips affinely dependent rows); minor steps move
+to the minimiser over the affine hull of the corral (Σα = Σβ = 1: the system M w = E μ with
+M = Z Zᵀ + E Eᵀ, solved with a Cholesky factor that grows with the appended rows) and
 drop the rows whose weight reaches zero (all negative ones at once when clipping them
 lowers the norm, else Wolfe's line search) — lazily, through the cached columns
 M⁻¹[E, I_D], so the factor is rebuilt only once per 48 dropped rows. The norm decreases
@@ -149,41 +149,60 @@ class _Corral:
         self.D: list[int] = []
 
     # ------------------------------------------------------------------ changes
-    def append(self, z: np.ndarray, side: bool, i: int) -> bool:
-        """Add a row with weight 0; False if it lies (numerically) in the affine hull."""
+    def append(self, zs: np.ndarray, sides: np.ndarray, idx: np.ndarray) -> int:
+        """Add rows (in order of priority) with weight 0, skipping any row that lies
+        (numerically) in the affine hull of the corral and the rows accepted before it.
+        One block update: the factor gains the rows of the Schur complement's Cholesky
+        factor, K the block bordered inverse. Returns the number of rows added."""
         s = self.s
-        m = self.z @ z + (self.side == side)
-        mnn = z @ z + 1.0
-        lrow = self._tri(m)
-        piv = mnn - lrow @ lrow
-        if piv <= 1e-12 * mnn:
-            if not self.D:
-                return False
-            self._compact()  # it may only depend on dropped rows
-            return self.append(z, side, i)
-        q = self._tri(lrow, "T")  # M⁻¹m
-        # bordered inverse: M'⁻¹[r; ρ] = [M⁻¹r + q·(qᵀr − ρ)/piv; (ρ − qᵀr)/piv], where ρ is
-        # the new row's entry of E (its side) and 0 for the e_j columns
-        t = m @ self.K
-        t[int(not side)] -= 1.0
-        self.K = np.vstack([self.K + np.outer(q, t / piv), -t / piv])
-        if s + 1 >= self._L.shape[0]:  # keep at least one identity row of padding
-            L = np.eye(self._L.shape[0] + 64)
+        C = self.z @ zs.T + (self.side[:, None] == sides[None, :])  # s × k
+        N = zs @ zs.T + (sides[:, None] == sides[None, :])  # k × k
+        Lc = self._tri(C)
+        S = N - Lc.T @ Lc  # Schur complement
+        acc: list[int] = []
+        Ls = np.zeros((len(sides), len(sides)))
+        for j in range(len(sides)):  # pivoted Cholesky of S, skipping dependent rows
+            r = len(acc)
+            lrow = (solve_triangular(Ls[:r, :r], S[acc, j], lower=True, check_finite=False)
+                    if r else np.zeros(0))
+            piv = S[j, j] - lrow @ lrow
+            if piv > 1e-12 * N[j, j]:
+                Ls[r, :r], Ls[r, r] = lrow, np.sqrt(piv)
+                acc.append(j)
+        if not acc:
+            if self.D:  # they may only depend on dropped rows
+                self._compact()
+                return self.append(zs, sides, idx)
+            return 0
+        r, Ls = len(acc), Ls[: len(acc), : len(acc)]
+        C, Lc, N, sides = C[:, acc], Lc[:, acc], N[np.ix_(acc, acc)], sides[acc]
+        # block bordered inverse: M'⁻¹[R; P] = [M⁻¹R + Q·G; −G], G = S⁻¹(QᵀR − P),
+        # Q = M⁻¹C; P holds the new rows' entries of E (their sides), 0 for the e_j columns
+        Q = self._tri(Lc, "T")
+        T = C.T @ self.K
+        T[:, 0] -= sides
+        T[:, 1] -= ~sides
+        G = solve_triangular(Ls, solve_triangular(Ls, T, lower=True, check_finite=False),
+                             lower=True, trans="T", check_finite=False)
+        self.K = np.vstack([self.K + Q @ G, -G])
+        if s + r >= self._L.shape[0]:  # keep at least one identity row of padding
+            L = np.eye(self._L.shape[0] + 64 * (1 + r // 64))
             L[:s, :s] = self._L[:s, :s]
             self._L = L
-        self._L[s, :s], self._L[s, s] = lrow, np.sqrt(piv)
-        if s == self._Z.shape[0]:
-            cap = 2 * s
+        self._L[s : s + r, :s], self._L[s : s + r, s : s + r] = Lc.T, Ls
+        if s + r > self._Z.shape[0]:
+            cap = 2 * (s + r)
             Z, M = np.zeros((cap, self._Z.shape[1])), np.zeros((cap, cap))
             Z[:s], M[:s, :s] = self._Z[:s], self._M[:s, :s]
             self._Z, self._M = Z, M
-        self._Z[s] = z
-        self._M[s, :s], self._M[:s, s], self._M[s, s] = m, m, mnn
-        self.side = np.append(self.side, side)
-        self.idx = np.append(self.idx, i)
-        self.dropped = np.append(self.dropped, False)
-        self.v = np.append(self.v, 0.0)
-        return True
+        self._Z[s : s + r] = zs[acc]
+        self._M[s : s + r, :s], self._M[:s, s : s + r] = C.T, C
+        self._M[s : s + r, s : s + r] = N
+        self.side = np.append(self.side, sides)
+        self.idx = np.append(self.idx, idx[acc])
+        self.dropped = np.append(self.dropped, np.zeros(r, dtype=bool))
+        self.v = np.append(self.v, np.zeros(r))
+        return r
 
     def undrop(self, j: int) -> None:
         k = self.D.index(j)
@@ -301,15 +320,22 @@ def _wolfe(
             cand = [(swa[k], True, int(ia[k]), ra[k]) for k in np.argsort(swa)[:bulk]]
             cand += [(swb[k], False, int(ib[k]), -rb[k]) for k in np.argsort(swb)[:bulk]]
             cand.sort(key=lambda c: c[0])
-            for viol, side, i, z in cand:
-                if viol >= -eps or added >= bulk:
+            new = []
+            for viol, side, i, z in cand[:bulk]:
+                if viol >= -eps:
                     break
                 j = corral.find(side, i)
                 if j >= 0 and corral.dropped[j]:
                     corral.undrop(j)
                     added += 1
-                elif j < 0 and corral.append(z, side, i):
-                    added += 1
+                elif j < 0:
+                    new.append((side, i, z))
+            if new:
+                added += corral.append(
+                    np.stack([c[2] for c in new]),
+                    np.array([c[0] for c in new]),
+                    np.array([c[1] for c in new], dtype=np.int64),
+                )
         if added:
             it += 1
             corral.minimise()
