@@ -28,10 +28,19 @@ For two classes A, B of a batch of features H (n × d)::
 
 Cost. The direction solve uses one Cholesky factorization with the K class means as
 right-hand sides (ŵ for a pair is a difference of the K solutions): the d × d primal when
-d <= n, the n × n dual (Woodbury) when d > n, so no d × d matrix is ever formed then —
-O(n·d·min(n, d) + min(n, d)³); the backward reuses the factorization. The soft count over
-all cross-class pairs works on n projections per direction, O(n²) in total, in blocks of
-bounded memory, recomputing σ in the backward (autograd memory O(n) per direction).
+d <= n, the n × n dual (Woodbury, from one Gram matrix of the within-class rows and the class
+means) when d > n, so no d × d matrix is ever formed then — O(n·d·min(n, d) + min(n, d)³);
+the backward reuses the factorization. With Q = Hc Σ_s⁻¹ Mu (n × K projections on the K
+per-class solutions) and g_a = Q[a, y_a], a cross-class pair's projection is
+ŵ·(a − b) = r_{y_a y_b}·(g_a + g_b − Q[a, y_b] − Q[b, y_a]), so every pair term comes from
+n × K numbers. Two paths, picked by size:
+
+* n² <= ``_DENSE_ELEMS`` (n <= 512, training batches): the whole soft count is a handful of
+  dense n × n ops (per-task sums = off-diagonal blocks of Yᵀ F Y, Y one-hot), and the
+  in-sample value is one fused autograd node (:class:`_FastSoft`) with a hand-written adjoint
+  backward — at these sizes per-op overhead, not arithmetic, is the cost. Memory O(n² + n·d).
+* larger n: blocks of bounded memory (``_BLOCK_ELEMS`` pair terms), recomputing σ in the
+  backward (autograd memory O(n) per direction).
 """
 
 from __future__ import annotations
