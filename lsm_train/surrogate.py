@@ -347,7 +347,10 @@ _LAYOUTS: list[tuple[torch.Tensor, _Layout]] = []  # recent label vectors and th
 def _layout(labels: torch.Tensor) -> _Layout:
     """:class:`_Layout` of ``labels``, reused while the same label vector comes back (LSMLoss
     scores several layers of one batch; a training loop often repeats its label order). A
-    hit needs equal contents (``torch.equal`` on a private copy), so it is always exact."""
+    hit needs equal contents (``torch.equal`` on a private copy), so it is always exact. Only
+    small batches (n² <= _DENSE_ELEMS) are kept, so the cache never holds large tensors."""
+    if labels.numel() ** 2 > _DENSE_ELEMS:
+        return _Layout(labels)
     for lab, lay in _LAYOUTS:
         if lab.shape == labels.shape and lab.device == labels.device and torch.equal(lab, labels):
             return lay

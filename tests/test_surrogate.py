@@ -272,6 +272,9 @@ def test_layout_reuse_is_exact():
     for k in range(6):  # a bounded cache
         sur._layout(torch.arange(30) % (k + 2))
     assert len(sur._LAYOUTS) <= 4
+    big = torch.arange(600) % 3  # n² > _DENSE_ELEMS: not kept
+    assert sur._layout(big) is not sur._layout(big)
+    assert all(lab.numel() < 600 for lab, _ in sur._LAYOUTS)
 
 
 def test_dual_path_never_forms_d_by_d(monkeypatch):
