@@ -9,7 +9,7 @@ directly. A ⊖ B is never formed: the linear oracle of P is the support functio
 ``argmin_{p∈P} x·p = argmin_a x·a − argmax_b x·b`` (two matrix-vector products), and the
 iterate is kept as convex weights over a "corral" of rows of A and of B separately,
 x = A_Sᵀα − B_Tᵀβ. A major step adds the rows with the largest Frank–Wolfe violations (up
-to 8 at a time, in one block update that skips affinely dependent rows); minor steps move
+to 16 at a time, in one block update that skips affinely dependent rows); minor steps move
 to the minimiser over the affine hull of the corral (Σα = Σβ = 1: the system M w = E μ with
 M = Z Zᵀ + E Eᵀ, solved with a Cholesky factor that grows with the appended rows) and
 drop the rows whose weight reaches zero (all negative ones at once when clipping them
@@ -161,7 +161,13 @@ class _Corral:
         S = N - Lc.T @ Lc  # Schur complement
         acc: list[int] = []
         Ls = np.zeros((len(sides), len(sides)))
-        for j in range(len(sides)):  # pivoted Cholesky of S, skipping dependent rows
+        try:  # usual case: every row is independent
+            full = np.linalg.cholesky(S)
+            if np.all(np.diag(full) ** 2 > 1e-12 * np.diag(N)):
+                acc, Ls = list(range(len(sides))), full
+        except np.linalg.LinAlgError:
+            pass
+        for j in range(len(sides) if not acc else 0):  # pivoted: skip dependent rows
             r = len(acc)
             lrow = (solve_triangular(Ls[:r, :r], S[acc, j], lower=True, check_finite=False)
                     if r else np.zeros(0))
@@ -282,7 +288,7 @@ class _Corral:
 
 
 def _wolfe(
-    a: torch.Tensor, b: torch.Tensor, tol: float, max_iter: int, batch: int = 128, bulk: int = 8
+    a: torch.Tensor, b: torch.Tensor, tol: float, max_iter: int, batch: int = 128, bulk: int = 16
 ):
     """Working-set Wolfe iteration on centred, scaled float64 data (a, b on any device).
 
