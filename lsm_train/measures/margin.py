@@ -25,7 +25,7 @@ in float64 on the inputs' device; the small corral algebra runs in float64 numpy
 
 Cost: O((|A| + |B|)·d) per full check (a handful per call), O(|W|·d + s·d + s²) per major
 step (W the working set, s ≤ d + 2 the corral size), O(s³) per 48 dropped rows. On 2,000
-points per class in d = 512 (about 500 support vectors) that is ~200 major steps.
+points per class in d = 512 (about 500 support vectors) that is ~100 major steps.
 
 Certified bounds: ``upper`` = ‖x‖ for the current iterate x ∈ P; ``lower`` = the best
 min_a u·a − max_b u·b over the unit directions u = x/‖x‖ checked against all rows (weak
