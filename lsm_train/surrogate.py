@@ -688,7 +688,8 @@ class _FastSoft(torch.autograd.Function):
         xc = x.clamp(-cut, cut)
         z = torch.sigmoid(xc)
         M = Y.mT @ (z @ Y)
-        dz = torch.addcmul(z, z, z, value=-1.0).mul_(xc == x)  # σ'(x), 0 beyond the cut
+        # σ'(x) on |x| < c, 0 beyond the cut (hardtanh_backward: one fused masking op)
+        dz = torch.ops.aten.hardtanh_backward(torch.addcmul(z, z, z, value=-1.0), x, -cut, cut)
         floor = 1.0 / (1.0 + math.exp(cut))
         pairs = k_.pairs(scheme)
         if scheme == "pairwise":

@@ -494,6 +494,14 @@ def test_saturation_cut_exact_flat_and_no_subnormals(dtype):
     assert not ((g != 0) & (g.abs() < tiny)).any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_path_flat_beyond_the_cut(dtype):
+    H, y = _data(40, 8, K=4, shift=60.0, dtype=dtype)  # every pair beyond ±c
+    (vf, gf), (vg, gg) = _fast_and_graph(H, y, "pairwise", 0.1, tau=0.05)
+    assert vf == vg == 1.0
+    assert torch.equal(gf, torch.zeros_like(gf)) and torch.equal(gg, torch.zeros_like(gg))
+
+
 def test_gradcheck_soft_pair_score():
     g = torch.Generator().manual_seed(2)
     a = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
