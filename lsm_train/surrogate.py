@@ -613,7 +613,7 @@ class _FastSoft(torch.autograd.Function):
     value with the recorded ops and differentiates that, so higher derivatives stay exact."""
 
     @staticmethod
-    def forward(ctx, H, lay, scheme, shrinkage, tau, dual):
+    def forward(ctx, H, lay, scheme, shrinkage, tau, dual, grad=True):
         n, d = H.shape
         dtype, K = H.dtype, lay.K
         k_ = lay.consts(dtype)
@@ -685,11 +685,8 @@ class _FastSoft(torch.autograd.Function):
             Rn = (Y @ Rt)[:, None]
         x = S * Rn
         cut = _cut(dtype)
-        xc = x.clamp(-cut, cut)
-        z = torch.sigmoid(xc)
+        z = torch.sigmoid(x.clamp(-cut, cut))
         M = Y.mT @ (z @ Y)
-        # σ'(x) on |x| < c, 0 beyond the cut (hardtanh_backward: one fused masking op)
-        dz = torch.ops.aten.hardtanh_backward(torch.addcmul(z, z, z, value=-1.0), x, -cut, cut)
         floor = 1.0 / (1.0 + math.exp(cut))
         pairs = k_.pairs(scheme)
         if scheme == "pairwise":
@@ -697,11 +694,16 @@ class _FastSoft(torch.autograd.Function):
             raw = M[kk, ll] / pairs - floor
         else:
             raw = (M * k_.offdiag).sum(1) / pairs - floor
+        value = raw.clamp(0.0, 1.0).mean()
+        if not grad:  # no backward will come (e.g. a probe under no_grad): skip its inputs
+            return value
+        # σ'(x) on |x| < c, 0 beyond the cut (hardtanh_backward: one fused masking op)
+        dz = torch.ops.aten.hardtanh_backward(torch.addcmul(z, z, z, value=-1.0), x, -cut, cut)
         dRq = R.pow(3).mul_(-0.5 / tau).masked_fill_(quad < 0, 0.0)  # ∂Rt/∂quad
         ctx.lay, ctx.scheme, ctx.shrinkage, ctx.tau, ctx.dual = lay, scheme, shrinkage, tau, dual
         ctx.consts = (c, alpha, a1, a2, kind)
         ctx.save_for_backward(H, U, Mc, Z, UZ, S, Rn, dz, dRq, raw, *F)
-        return raw.clamp(0.0, 1.0).mean()
+        return value
 
     @staticmethod
     def backward(ctx, gv):
@@ -711,7 +713,7 @@ class _FastSoft(torch.autograd.Function):
             with torch.enable_grad():
                 v = _soft_md_lsm_graph(H, lay, scheme, ctx.shrinkage, ctx.tau, ctx.dual).mean()
             (gH,) = torch.autograd.grad(v, H, gv, create_graph=True)
-            return gH, None, None, None, None, None
+            return gH, None, None, None, None, None, None
         c, alpha, a1, a2, kind = ctx.consts
         k_ = lay.consts(H.dtype)
         Y, Yn, K = k_.Y, k_.Yn, lay.K
@@ -758,7 +760,7 @@ class _FastSoft(torch.autograd.Function):
         # U = H − Y Mr, Mc = Mr − mean(H), Mr = (Y / n_k)ᵀ H
         gH = torch.addmm(gU, Yn, torch.addmm(gMc, Y.mT, gU, alpha=-1.0))
         gH.sub_(gMc.sum(0, keepdim=True), alpha=1.0 / H.shape[0])
-        return gH, None, None, None, None, None
+        return gH, None, None, None, None, None, None
 
 
 def _scores(
@@ -823,7 +825,8 @@ def soft_md_lsm(
             return _soft_md_lsm_crossfit(X, labels, tau, scheme, shrinkage, detach_directions)
         lay = _layout(labels)
         if lay.K >= 2 and not detach_directions and lay.n * lay.n <= _DENSE_ELEMS:
-            return _FastSoft.apply(X, lay, scheme, shrinkage, tau, None)
+            grad = torch.is_grad_enabled() and X.requires_grad
+            return _FastSoft.apply(X, lay, scheme, shrinkage, tau, None, grad)
         return _soft_md_lsm(X, labels, tau, scheme, shrinkage, detach_directions).mean()
 
 

@@ -494,6 +494,16 @@ def test_saturation_cut_exact_flat_and_no_subnormals(dtype):
     assert not ((g != 0) & (g.abs() < tiny)).any()
 
 
+def test_fused_path_without_grad_same_value():
+    H, y = _data(30, 6, K=3)
+    Hg = H.clone().requires_grad_(True)
+    with_grad = soft_md_lsm(Hg, y)
+    with torch.no_grad():
+        v = soft_md_lsm(Hg, y)
+    assert not v.requires_grad and v.item() == with_grad.item()
+    assert soft_md_lsm(H, y).item() == with_grad.item()  # input without requires_grad
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_path_flat_beyond_the_cut(dtype):
     H, y = _data(40, 8, K=4, shift=60.0, dtype=dtype)  # every pair beyond ±c
