@@ -676,14 +676,17 @@ class _FastSoft(torch.autograd.Function):
         Rt = R * (1.0 / tau)
         # dense soft count (as _dense_task_scores)
         inv = lay.inverse
-        g, E = P.gather(1, inv[:, None]), P @ Y.mT
+        g = P.gather(1, inv[:, None])
         if scheme == "pairwise":
-            S = (g - E).add_(g.mT).sub_(E.mT)  # g_a + g_b − E_ab − E_ba
-            Rn = Y @ Rt @ Y.mT
+            # x_ab = Rt_{y_a y_b} (g_a + g_b − P[a, y_b] − P[b, y_a]) = T_ab + T_ba with
+            # T = Fa Yᵀ, Fa[a, l] = Rt_{y_a l} (g_a − P[a, l]) (Rt symmetric): one product
+            S, Rn = g - P, Y @ Rt  # n × K
+            T = (Rn * S) @ Y.mT
+            x = T + T.mT
         else:
-            S = g - E.mT
+            S = g - (P @ Y.mT).mT  # g_a − P[b, y_a]
             Rn = (Y @ Rt)[:, None]
-        x = S * Rn
+            x = S * Rn
         cut = _cut(dtype)
         z = torch.sigmoid(x.clamp(-cut, cut))
         M = Y.mT @ (z @ Y)
@@ -725,13 +728,15 @@ class _FastSoft(torch.autograd.Function):
         else:
             gM = gs[:, None] * k_.offdiag
         gx = (Y @ gM @ Y.mT).mul_(dz)
-        gS = gx * Rn
-        if scheme == "pairwise":  # S = D + Dᵀ, D = g 1ᵀ − P Yᵀ; gx symmetric, so D̄ = S̄ (both)
-            gRt = Y.mT @ (gx.mul_(S)) @ Y
-            gP = torch.addmm(Y * gS.sum(1, keepdim=True), gS, Y, alpha=-1.0)
-            gq = gRt.mul_(dRq)
-            gG = torch.diag_embed(gq.sum(1)) - gq  # quad = dg_k + dg_l − G − Gᵀ (gq symmetric)
+        if scheme == "pairwise":  # x = T + Tᵀ: T̄ = gx (symmetric); T = (Rn ∘ S) Yᵀ
+            gF = gx @ Y
+            gS = gF * Rn  # S = g 1ᵀ − P
+            gq = (Y.mT @ (gF * S)).mul_(dRq)  # Rn = Y Rt, then quad
+            gq = gq + gq.mT  # quad = dg_k + dg_l − G − Gᵀ
+            gG = torch.diag_embed(gq.sum(1)) - gq
+            gP = torch.sub(Y * gS.sum(1, keepdim=True), gS)
         else:  # S = g 1ᵀ − (P Yᵀ)ᵀ, Rn = Y Rt
+            gS = gx * Rn
             gRt = Y.mT @ (gx.mul_(S)).sum(1)
             gP = torch.addmm(Y * gS.sum(1, keepdim=True), gS.mT, Y, alpha=-1.0)
             C = k_.C
