@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.linalg import solve_triangular
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from .._validation import check_pair, check_positive
 from .exact import separability_test
@@ -55,6 +55,14 @@ from .exact import separability_test
 __all__ = ["MarginResult", "md_lsm_margin"]
 
 _ZERO = 1e-9  # ‖x‖ below this fraction of the data scale counts as "touching"
+_CONTROLLER: list[ThreadpoolController] = []
+
+
+def _blas() -> ThreadpoolController:
+    """The BLAS libraries loaded in this process (scanned once: a scan costs ~1 ms)."""
+    if not _CONTROLLER:
+        _CONTROLLER.append(ThreadpoolController())
+    return _CONTROLLER[0]
 
 
 @dataclass(frozen=True)
@@ -403,7 +411,7 @@ def md_lsm_margin(
         return _result(0.0, 0.0, 0.0, None, 0, ta, A, return_bounds)
     a, b = a / scale, b / scale
 
-    with threadpool_limits(limits=1, user_api="blas"):  # small dense algebra: 1 thread
+    with _blas().limit(limits=1, user_api="blas"):  # small dense algebra: 1 thread
         corral, lower, u, it, _ = _wolfe(a, b, tol, int(max_iter))
     upper = float(np.linalg.norm(corral.x)) * scale
     lower *= scale
