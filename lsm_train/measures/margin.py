@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.linalg import solve_triangular
+from scipy.linalg.lapack import dtrtrs
 from threadpoolctl import ThreadpoolController
 
 from .._validation import check_pair, check_positive
@@ -140,9 +141,13 @@ class _Corral:
         """L⁻¹r (or L⁻ᵀr): solved with the padded buffer (identity beyond row s), so that
         appending a row never copies the factor."""
         s, cap = self.s, self._L.shape[0]
-        pad = np.zeros((cap,) + r.shape[1:])
+        pad = np.zeros((cap,) + r.shape[1:], order="F")
         pad[:s] = r
-        return solve_triangular(self._L, pad, lower=True, trans=trans, check_finite=False)[:s]
+        # LAPACK directly on the transposed (Fortran-ordered, upper) view: no copies
+        x, info = dtrtrs(self._L.T, pad, lower=0, trans=int(trans == "N"), overwrite_b=1)
+        if info:
+            raise np.linalg.LinAlgError(f"dtrtrs: info {info}")
+        return x[:s]
 
     def _solve(self, R: np.ndarray) -> np.ndarray:
         return self._tri(self._tri(R), "T")
@@ -412,12 +417,13 @@ def md_lsm_margin(
         raise ValueError(f"max_iter: expected a positive integer, got {max_iter!r}")
     a = ta.detach().to(torch.float64)
     b = tb.detach().to(torch.float64)
-    centre = torch.cat([a, b]).mean(0)
-    a, b = a - centre, b - centre
-    scale = float(torch.cat([a, b]).norm(dim=1).max())
+    centre = (a.sum(0) + b.sum(0)) / (a.shape[0] + b.shape[0])
+    a, b = a - centre, b - centre  # new tensors: scaled in place below
+    scale = float(torch.maximum(a.norm(dim=1).max(), b.norm(dim=1).max()))
     if scale == 0.0:  # every point is the same point
         return _result(0.0, 0.0, 0.0, None, 0, ta, A, return_bounds)
-    a, b = a / scale, b / scale
+    a.div_(scale)
+    b.div_(scale)
 
     with _blas().limit(limits=1, user_api="blas"):  # small dense algebra: 1 thread
         corral, lower, u, it, _ = _wolfe(a, b, tol, int(max_iter))
