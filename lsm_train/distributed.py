@@ -234,6 +234,8 @@ def broadcast_str(text: str, src: int = 0) -> str:
         return text
     data = text.encode("utf-8")
     n = broadcast_int(len(data), src)
+    if n == 0:
+        return ""
     t = torch.zeros(n, dtype=torch.uint8)
     if rank() == src:
         t[:] = torch.frombuffer(bytearray(data), dtype=torch.uint8)

@@ -25,6 +25,16 @@ S_l ∈ (0, 1) is the differentiable soft MD-LSM (:func:`lsm_train.surrogate.sof
 
 The score is computed in float32 or float64 with autocast disabled (half-precision
 features are upcast), since it solves a small linear system.
+
+Data parallel (DDP). With ``gather=True`` and an initialized ``torch.distributed`` group of
+W > 1 ranks, S_l is computed on the features and labels of *all* ranks' batches
+(:func:`lsm_train.distributed.all_gather_cat`, unequal batch sizes allowed), so it is the
+score of the global batch, the same value on every rank. The gradient flows to the local
+slice only; the regulariser's gradient is multiplied by W (its value is unchanged) so that
+after DDP averages the gradients over the ranks, the update equals the single-process
+gradient of R on the global batch. Cost per step and layer: one all-gather of W·max n_r·d
+numbers, and the score on W·n samples instead of n (O(N·d·min(N, d) + N²) with N = W·n).
+``gather=False`` (default) scores each rank's own batch (no communication).
 """
 
 from __future__ import annotations
@@ -174,11 +184,16 @@ def lsm_loss(
     detach_directions: bool = False,
     reduce: str = "auto",
     crossfit: bool = False,
+    gather: bool = False,
+    process_group: Any = None,
 ) -> torch.Tensor:
     """``weight · Σ_l α_l (1 − soft_md_lsm(features_l, labels))`` as a 0-dim tensor.
 
     ``features`` is a dict {layer name: (N, ...) tensor} (e.g. a HiddenCapture's dict with
     ``detach=False``) or a single tensor; α as in :class:`LSMLoss` (default uniform 1/L).
+    ``gather``: score the features of all ranks (see the module docstring); the returned
+    value is the same on every rank, its gradient reaches the local features only
+    (not rescaled here: this function knows nothing of DDP's averaging).
     """
     weight = check_positive(weight, "weight", allow_zero=True)
     tau = _check_options(tau, scheme, shrinkage, reduce)
@@ -196,9 +211,21 @@ def lsm_loss(
             raise ValueError(f"features[{name!r}]: expected a tensor, got {type(f).__name__}")
     alphas = _layer_weights(layer_weights, list(features))
     y = _labels(labels, features)
+    if gather:
+        features, y = _gather(features, y, process_group)
     scores = _scores(features, y, tau, scheme, shrinkage, detach_directions, reduce,
                      bool(crossfit))
     return weight * _combine(scores, alphas)
+
+
+def _gather(
+    feats: Mapping[str, torch.Tensor], y: torch.Tensor, group: Any
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Features and labels of every rank, concatenated in rank order (local part keeps grad)."""
+    from lsm_train.distributed import all_gather_cat
+
+    out = {n: all_gather_cat(f, group) for n, f in feats.items()}
+    return out, all_gather_cat(y, group)
 
 
 # --------------------------------------------------------------------------- module
@@ -216,6 +243,9 @@ class LSMLoss(nn.Module):
             ``soft_md_lsm``; ``crossfit=True`` (2-fold cross-fitted score) keeps a gradient
             when a wide layer makes every batch separable (d + 1 >= n).
         warmup_steps: length of the linear ramp of the weight from 0 (int >= 0).
+        gather: under torch.distributed, score the features gathered from all ranks (the
+            global batch) instead of the local batch; see the module docstring.
+        process_group: the group to gather over (default: the world).
         output_index: which tensor of a tuple/dict layer output (see HiddenCapture).
 
     Use: run ``model(x)``, then ``reg(labels)`` once; the captured features are consumed
@@ -242,6 +272,8 @@ class LSMLoss(nn.Module):
         *,
         output_index: int | str = 0,
         crossfit: bool = False,
+        gather: bool = False,
+        process_group: Any = None,
     ) -> None:
         super().__init__()
         self.weight = check_positive(weight, "weight", allow_zero=True)
@@ -251,6 +283,8 @@ class LSMLoss(nn.Module):
         self.reduce = reduce
         self.detach_directions = bool(detach_directions)
         self.crossfit = bool(crossfit)
+        self.gather = bool(gather)
+        self.process_group = process_group
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps: expected an int >= 0, got {warmup_steps!r}")
         self.warmup_steps = warmup_steps
@@ -311,6 +345,13 @@ class LSMLoss(nn.Module):
             )
         feats = {n: feats[n] for n in self.names}
         y = _labels(labels, feats)
+        world = 1
+        if self.gather:
+            from lsm_train.distributed import world_size
+
+            world = world_size(self.process_group)
+            if world > 1:
+                feats, y = _gather(feats, y, self.process_group)
         scores = _scores(
             feats, y, self.tau, self.scheme, self.shrinkage, self.detach_directions, self.reduce,
             self.crossfit, nan_if_not_finite=True,
@@ -323,6 +364,8 @@ class LSMLoss(nn.Module):
         if self.warmup_steps:
             ramp = (self.num_steps.double() / self.warmup_steps).clamp(max=1.0)
             reg = reg * ramp.to(device=reg.device, dtype=reg.dtype)
+        if world > 1:  # same value; gradient x W, undone by DDP's average over W ranks
+            reg = reg * world - reg.detach() * (world - 1)
         if self.training and self.capture.module.training:
             self.num_steps += 1
         return reg
@@ -336,4 +379,5 @@ class LSMLoss(nn.Module):
         return (
             f"layers={self.names}, weight={self.weight}, tau={self.tau}, scheme={self.scheme!r}, "
             f"warmup_steps={self.warmup_steps}, shrinkage={self.shrinkage}"
+            + (", gather=True" if self.gather else "")
         )
