@@ -300,11 +300,10 @@ class _Corral:
             self._drop(np.flatnonzero(out))
 
 
-def _wolfe(
-    a: torch.Tensor, b: torch.Tensor, tol: float, max_iter: int, batch: int = 2048,
-    bulk: int = 16,
-):
-    """Working-set Wolfe iteration on centred, scaled float64 data (a, b on any device).
+def _wolfe(data: torch.Tensor, na: int, tol: float, max_iter: int, batch: int = 2048,
+           bulk: int = 16):
+    """Working-set Wolfe iteration on centred, scaled float64 data ``data`` = [A; −B] (the
+    first ``na`` rows are A; any device).
 
     The working set starts as the ``batch`` rows per side that score worst on the
     mean-difference direction (every row when a side has at most ``batch``), kept on the CPU
@@ -314,24 +313,26 @@ def _wolfe(
     Returns (corral, lower, u, iterations, status), status "converged" (certified within
     tol), "zero" (‖x‖ below _ZERO) or "undecided"; u is the unit direction (numpy) that
     gave ``lower``."""
-    x0 = (a.mean(0) - b.mean(0))
-    sa, sb = (a @ x0).cpu().numpy(), (b @ x0).cpu().numpy()
-    wa = np.zeros(a.shape[0], dtype=bool)
-    wb = np.zeros(b.shape[0], dtype=bool)
+    a, nb = data[:na], data[na:]  # nb = −B
+    x0 = a.mean(0) + nb.mean(0)
+    sa, sb = (a @ x0).cpu().numpy(), -(nb @ x0).cpu().numpy()
+    wa = np.zeros(na, dtype=bool)
+    wb = np.zeros(data.shape[0] - na, dtype=bool)
     wa[np.argsort(sa)[:batch]] = True
     wb[np.argsort(-sb)[:batch]] = True
 
     def working():
         ia, ib = np.flatnonzero(wa), np.flatnonzero(wb)
-        ra = a[torch.as_tensor(ia, device=a.device)]
-        rb = b[torch.as_tensor(ib, device=b.device)]
-        W = torch.cat([ra, -rb]).cpu().numpy()
+        if wa.all() and wb.all():  # every row: no copy (on the CPU)
+            W = data.cpu().numpy()
+        else:
+            W = data[torch.as_tensor(np.r_[ia, na + ib], device=data.device)].cpu().numpy()
         side = np.r_[np.ones(len(ia), dtype=bool), np.zeros(len(ib), dtype=bool)]
         return W, W.astype(np.float32), side, np.r_[ia, ib]
 
     W, W32, wside, widx = working()
     i0, j0 = int(np.argmin(sa)), int(np.argmax(sb))
-    corral = _Corral(a[i0].cpu().numpy(), i0, b[j0].cpu().numpy(), j0)
+    corral = _Corral(a[i0].cpu().numpy(), i0, -nb[j0].cpu().numpy(), j0)
     lower, best_u, it = 0.0, None, 0
     while True:
         x = corral.x
@@ -377,10 +378,11 @@ def _wolfe(
             corral.minimise()
             continue
         # working set solved (or out of steps, or numerically stalled): check every row
-        xt = torch.as_tensor(x, device=a.device)
+        xt = torch.as_tensor(x, device=data.device)
         # elementwise product and row sum: the same arithmetic for every row, so a point
         # shared by A and B gets bit-identical scores and never fakes a positive gap
-        fa, fb = (a * xt).sum(1).cpu().numpy(), (b * xt).sum(1).cpu().numpy()
+        # (negation is exact, so −((−b)·x) = b·x bit for bit)
+        fa, fb = (a * xt).sum(1).cpu().numpy(), -(nb * xt).sum(1).cpu().numpy()
         gap = float(fa.min()) - float(fb.max())
         noise = 64 * np.finfo(float).eps * max(np.abs(fa).max(), np.abs(fb).max())
         lo = gap / np.sqrt(xx) if gap > noise else 0.0  # certified only above rounding
@@ -425,16 +427,19 @@ def md_lsm_margin(
         raise ValueError(f"max_iter: expected a positive integer, got {max_iter!r}")
     a = ta.detach().to(torch.float64)
     b = tb.detach().to(torch.float64)
-    centre = (a.sum(0) + b.sum(0)) / (a.shape[0] + b.shape[0])
-    a, b = a - centre, b - centre  # new tensors: scaled in place below
-    scale = float(torch.maximum(a.norm(dim=1).max(), b.norm(dim=1).max()))
+    na = a.shape[0]
+    centre = (a.sum(0) + b.sum(0)) / (na + b.shape[0])
+    # one buffer [A − c; c − B] = [A; −B] centred, then scaled in place
+    data = torch.empty((na + b.shape[0], a.shape[1]), dtype=torch.float64, device=a.device)
+    torch.sub(a, centre, out=data[:na])
+    torch.sub(centre, b, out=data[na:])
+    scale = float(data.norm(dim=1).max())
     if scale == 0.0:  # every point is the same point
         return _result(0.0, 0.0, 0.0, None, 0, ta, A, return_bounds)
-    a.div_(scale)
-    b.div_(scale)
+    data.div_(scale)
 
     with _blas().limit(limits=1, user_api="blas"):  # small dense algebra: 1 thread
-        corral, lower, u, it, _ = _wolfe(a, b, tol, int(max_iter))
+        corral, lower, u, it, _ = _wolfe(data, na, tol, int(max_iter))
     upper = float(np.linalg.norm(corral.x)) * scale
     lower *= scale
     upper = max(upper, lower)  # equal up to rounding once the optimum is reached
@@ -444,6 +449,7 @@ def md_lsm_margin(
     # no positive lower bound: decide exactly, on the corral rows first (a small LP: if
     # subsets of A and B are not separable, neither are A and B). The centred, scaled copy
     # goes to the LP (separability is invariant to both; the LP is better conditioned).
+    a, b = data[:na], -data[na:]
     act = corral.v > 0  # the rows that carry the current point
     rows = [torch.as_tensor(corral.rows[(corral.sides == s) & act], device=a.device)
             for s in (1, 0)]
