@@ -13,6 +13,12 @@ package) and in an installed wheel (inside the package, see :func:`conf_dir`).
 
 Each run writes to Hydra's run folder: ``metrics.jsonl``, ``checkpoint.pt``,
 ``summary.png``, ``wandb/`` (offline unless ``WANDB_MODE=online``) and ``.hydra/``.
+
+Data parallel: ``torchrun --nproc_per_node=N -m lsm_train trainer=ddp ...``. :func:`main`
+creates the process group from torchrun's variables before Hydra starts and gives every
+rank rank 0's run folder; the tasks of a multi-task Slurm job (submitit launcher) create it
+in :func:`train_from_config`. Rank 0 alone logs, plots and writes checkpoints; at the end
+every rank checks that the parameters agree (exit status 3 and a message when not).
 """
 
 from __future__ import annotations
@@ -228,6 +234,12 @@ def validate_config(cfg: DictConfig) -> None:
          f"trainer.max_steps: expected null or an integer >= 1, got {ms!r}")
     lr = _num(cfg, "optim.lr")
     need(is_num(lr) and lr > 0, f"optim.lr: expected a number > 0, got {lr!r}")
+    strategy = _num(cfg, "trainer.strategy")
+    need(strategy in (None, "single", "ddp"),
+         f"trainer.strategy: expected single or ddp (trainer=ddp), got {strategy!r}")
+    for key in ("lsm.loss.gather", "lsm.monitor.gather"):
+        v = _num(cfg, key)
+        need(v is None or isinstance(v, bool), f"{key}: expected true or false, got {v!r}")
     layers = _num(cfg, "lsm.layers")
     if layers is not None and not isinstance(layers, str):
         need(len(layers) > 0, "lsm.layers: expected null (model.hidden_layers) or a non-empty list")
@@ -309,19 +321,57 @@ def train_from_config(
     nothing, no checkpoint to resume) raises :class:`SetupError` (a ValueError) before
     the first step; errors during training propagate unchanged.
     """
+    from lsm_train import distributed as dist_utils
+
+    created = False
+    try:
+        validate_config(cfg)
+        if _num(cfg, "trainer.strategy") == "ddp":
+            created = dist_utils.init_from_env()
+    except (ValueError, RuntimeError) as err:
+        raise SetupError(str(err)) from err
+    try:
+        return _train(cfg, Path(run_dir), recipe, sweep, model_factory)
+    finally:
+        if created:
+            dist_utils.destroy()
+
+
+def _resume_dir_agreed(resume: Any, run_dir: Path) -> Path | None:
+    """:func:`_resume_dir` decided by rank 0 and shared with every rank."""
+    from lsm_train import distributed as dist_utils
+
+    if not dist_utils.is_initialized():
+        return _resume_dir(resume, run_dir)
+    answer = ""
+    if dist_utils.is_main_process():
+        try:
+            found = _resume_dir(resume, run_dir)
+            answer = "" if found is None else "dir:" + str(found)
+        except ValueError as err:
+            answer = "err:" + str(err)
+    answer = dist_utils.broadcast_str(answer)
+    if answer.startswith("err:"):
+        raise ValueError(answer[4:])
+    return Path(answer[4:]) if answer else None
+
+
+def _train(
+    cfg: DictConfig, run_dir: Path, recipe: str, sweep: str | None, model_factory: Any
+) -> Any:
+    from lsm_train import distributed as dist_utils
     from lsm_train.checkpoint import load_checkpoint
     from lsm_train.plots import plot_run, summary_table
     from lsm_train.tracking import Tracker
-    from lsm_train.trainer import CHECKPOINT_NAME, Trainer
+    from lsm_train.trainer import CHECKPOINT_NAME, NullTracker, Trainer
 
+    main_rank = dist_utils.is_main_process()
     try:
-        validate_config(cfg)
-        run_dir = Path(run_dir)
-        work = _resume_dir(cfg.get("resume"), run_dir)
+        work = _resume_dir_agreed(cfg.get("resume"), run_dir)
         ckpt = None
         if work is not None:
             ckpt = work / CHECKPOINT_NAME
-            if work != run_dir:
+            if work != run_dir and main_rank:
                 print(f"lsm-train: resuming the run in {work}", file=sys.stderr)
         else:
             work = run_dir
@@ -332,17 +382,31 @@ def train_from_config(
         # everything before the first step: data, model options, layers, optimizer, resume
         raise SetupError(str(err)) from err
     resume_id = None
-    if ckpt is not None:
+    if ckpt is not None and main_rank:
         resume_id = load_checkpoint(ckpt).get("wandb_id")
-    tracker = Tracker(
-        work,
-        wandb=_wandb_settings(cfg, recipe, sweep, resume_id),
-        resume_step=trainer.step if ckpt is not None else None,
-    )
+    tracker: Any = NullTracker()
+    if main_rank:  # DDP: rank 0 alone logs, plots and writes checkpoints
+        tracker = Tracker(
+            work,
+            wandb=_wandb_settings(cfg, recipe, sweep, resume_id),
+            resume_step=trainer.step if ckpt is not None else None,
+        )
     trainer.tracker = tracker
     result = None
     try:
         result = trainer.fit()
+        # DDP: every replica must end with the same weights (raises ParameterMismatchError)
+        if _num(cfg, "trainer.ddp.check_params") is not False:
+            try:
+                spread = trainer.check_replicas()
+            except dist_utils.ParameterMismatchError:
+                result.status = "replicas_differ"  # wandb run closed with exit code 1
+                raise
+            if trainer.ddp:
+                tracker.summary({"ddp/param_checksum_spread": spread,
+                                 "ddp/world_size": trainer.world_size})
+        if not main_rank:
+            return result
         if _num(cfg, "trainer.plots") is not False:
             try:
                 png = plot_run(work / "metrics.jsonl", work / "summary.png", title=recipe)
@@ -362,6 +426,8 @@ def _hydra_task(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from lsm_train.distributed import ParameterMismatchError
+
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     recipe = hc.runtime.choices.get("recipe") or "custom"
@@ -374,6 +440,11 @@ def _hydra_task(cfg: DictConfig) -> float | None:
         if multirun:
             raise
         sys.exit(2)
+    except ParameterMismatchError as err:
+        print(f"lsm-train: error: {err}", file=sys.stderr)
+        if multirun:
+            raise
+        sys.exit(3)
     if result.status == "interrupted":
         sys.exit(128 + int(result.signum or 15))  # the shell convention for "stopped by signal"
     if result.status == "nan":
@@ -384,14 +455,46 @@ def _hydra_task(cfg: DictConfig) -> float | None:
     return None if acc is None else float(acc)
 
 
+RUN_STAMP_FORMAT = "%Y-%m-%d_%H-%M-%S_%f"  # as ${now:...} in conf/hydra/default.yaml
+
+
+def _share_run_dir(argv: list[str]) -> None:
+    """Under torchrun every rank composes its own config, and ``${now:...}`` would give each
+    rank its own run folder: use rank 0's time on every rank (``hydra.run.dir`` override,
+    unless the command line sets one), and let rank 0 alone write ``.hydra/``."""
+    import datetime
+
+    from lsm_train import distributed as dist_utils
+
+    stamp_us = dist_utils.broadcast_int(int(datetime.datetime.now().timestamp() * 1e6))
+    stamp = datetime.datetime.fromtimestamp(stamp_us / 1e6).strftime(RUN_STAMP_FORMAT)
+    if not any(a.startswith(("hydra.run.dir=", "++hydra.run.dir=")) for a in argv[1:]):
+        argv.append(f"hydra.run.dir=outputs/${{hydra:runtime.choices.recipe}}/{stamp}")
+    if not dist_utils.is_main_process():
+        argv.append("hydra.output_subdir=null")
+
+
 def main() -> None:
     """Console entry point ``lsm-train``."""
     import hydra
 
+    from lsm_train import distributed as dist_utils
+
     register_sources()
-    hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(
-        _hydra_task
-    )()
+    created = False
+    torchrun = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    if torchrun and not any(
+        a in ("-m", "--multirun") for a in sys.argv[1:]
+    ) and not any(a in ("-h", "--help", "--hydra-help", "-c", "--cfg") for a in sys.argv[1:]):
+        created = dist_utils.init_from_env()  # torchrun: one process group for the run
+        _share_run_dir(sys.argv)
+    try:
+        hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(
+            _hydra_task
+        )()
+    finally:
+        if created:
+            dist_utils.destroy()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,18 @@ exactly the state (and ``metrics.jsonl``) of an uninterrupted run.
 Stopping: SIGTERM/SIGINT set a flag; the loop finishes the current step, writes a
 checkpoint and returns ``status="interrupted"``. A non-finite loss stops the run before the
 update (``status="nan"``), leaving the last good checkpoint untouched.
+
+Data parallel (``trainer.strategy=ddp`` inside an initialized ``torch.distributed`` group of
+W > 1 processes): rank r trains on ``shard_indices(epoch order, r, W)`` (as
+``DistributedSampler(drop_last=True)``; ``data.batch_size`` is per process, the global batch
+is W times larger) with the model wrapped in ``DistributedDataParallel``. The ranks agree
+on every stop (a non-finite loss on any rank, a signal on any rank) through one small
+all-reduce per step. The monitor splits the test set and the probe over the ranks:
+val loss/accuracy are exact sums over ranks; the layer scores are either computed on rank 0
+from the gathered probe features (``lsm.monitor.gather=true``: the single-process value) or
+averaged over the ranks' local scores (``false``). Train metrics are summed over ranks.
+Only rank 0 logs (``metrics.jsonl``, wandb) and writes checkpoints; every rank loads the
+checkpoint on resume.
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lsm_train import distributed as dist_utils
 from lsm_train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from lsm_train.data import ArrayDataset, DataBundle, epoch_order, load_data
 from lsm_train.tracking import Tracker
@@ -49,6 +62,7 @@ __all__ = [
     "measure_layers",
     "evaluate",
     "LSM_MODES",
+    "NullTracker",
 ]
 
 LSM_MODES = ("off", "monitor", "loss", "guard", "both")
@@ -169,21 +183,34 @@ def evaluate(
     return total_loss / n, correct / n
 
 
+def _evaluate_ddp(
+    model: nn.Module, data: ArrayDataset, device: torch.device, batch_size: int
+) -> tuple[float, float]:
+    """:func:`evaluate` with the samples split over the ranks and the sums all-reduced."""
+    was_training = model.training
+    model.eval()
+    idx_all = torch.arange(dist_utils.rank(), len(data), dist_utils.world_size())
+    total_loss, correct = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, idx_all.shape[0], batch_size):
+            x, y = data.batch(idx_all[start : start + batch_size])
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+    model.train(was_training)
+    total_loss, correct = dist_utils.all_reduce_sum([total_loss, correct], device=device)
+    n = max(1, len(data))
+    return total_loss / n, correct / n
+
+
 @torch.no_grad()
-def measure_layers(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    layers: list[str],
-    *,
-    method: str = "degree",
-    holdout: float | None = 0.5,
-    seed: int = 0,
-    batch_size: int = 512,
-) -> tuple[dict[str, float], float]:
-    """Cross-fitted MD-LSM of each layer on ``(x, y)`` and the accuracy on it (eval mode)."""
+def capture_layers(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, layers: list[str], batch_size: int = 512
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Float32 CPU features of each layer on ``x`` (eval mode) and the number of correct
+    predictions."""
     from lsm_train.capture import HiddenCapture
-    from lsm_train.measures.layer import layer_separability
 
     was_training = model.training
     model.eval()
@@ -197,17 +224,87 @@ def measure_layers(
             for name in layers:
                 feats[name].append(captured[name].float().cpu())
     model.train(was_training)
+    return {name: torch.cat(parts) for name, parts in feats.items() if parts}, correct
+
+
+def score_layers(
+    feats: Mapping[str, torch.Tensor],
+    y: torch.Tensor,
+    *,
+    method: str = "degree",
+    holdout: float | None = 0.5,
+    seed: int = 0,
+) -> dict[str, float]:
+    """``layer_separability`` of each layer's features (NaN with a warning when it fails)."""
+    from lsm_train.measures.layer import layer_separability
+
     yc = y.cpu()
     scores = {}
-    for name, parts in feats.items():
+    for name, H in feats.items():
         try:
             scores[name] = float(
-                layer_separability(torch.cat(parts), yc, method=method, holdout=holdout, seed=seed)
+                layer_separability(H, yc, method=method, holdout=holdout, seed=seed)
             )
         except ValueError as err:  # e.g. a probe too small to cross-fit: log null, go on
             warnings.warn(f"MD-LSM of {name} not computed: {err}", RuntimeWarning, stacklevel=2)
             scores[name] = float("nan")
+    return scores
+
+
+@torch.no_grad()
+def measure_layers(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    layers: list[str],
+    *,
+    method: str = "degree",
+    holdout: float | None = 0.5,
+    seed: int = 0,
+    batch_size: int = 512,
+) -> tuple[dict[str, float], float]:
+    """Cross-fitted MD-LSM of each layer on ``(x, y)`` and the accuracy on it (eval mode)."""
+    feats, correct = capture_layers(model, x, y, layers, batch_size)
+    scores = score_layers(feats, y, method=method, holdout=holdout, seed=seed)
     return scores, correct / max(1, x.shape[0])
+
+
+def measure_layers_ddp(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    layers: list[str],
+    *,
+    gather: bool = True,
+    method: str = "degree",
+    holdout: float | None = 0.5,
+    seed: int = 0,
+    batch_size: int = 512,
+) -> tuple[dict[str, float], float]:
+    """:func:`measure_layers` with the samples split over the ranks (``x[r::W]`` on rank r).
+
+    ``gather=True``: the features are gathered (all ranks' shares, put back in the order of
+    ``x``) and rank 0 scores them: the single-process values; other ranks return ``{}``.
+    ``gather=False``: each rank scores its share; the scores are averaged over the ranks
+    (every rank gets the mean). The accuracy is exact in both cases (summed over ranks).
+    """
+    r, w = dist_utils.rank(), dist_utils.world_size()
+    n = x.shape[0]
+    feats, correct = capture_layers(model, x[r::w], y[r::w], layers, batch_size)
+    (correct,) = dist_utils.all_reduce_sum([correct])
+    acc = correct / max(1, n)
+    kw = dict(method=method, holdout=holdout, seed=seed)
+    if not gather:
+        local = score_layers(feats, y[r::w], **kw)
+        summed = dist_utils.all_reduce_sum([local[name] for name in layers])
+        return {name: v / w for name, v in zip(layers, summed, strict=True)}, acc
+    order = torch.cat([torch.arange(k, n, w) for k in range(w)])  # gathered row -> sample
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(n)
+    full = {name: dist_utils.all_gather_cat(feats[name])[inverse] for name in layers}
+    if r != 0:
+        return {}, acc
+    return score_layers(full, y, **kw), acc
 
 
 @dataclass
@@ -246,6 +343,25 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+class NullTracker:
+    """The tracker of ranks other than 0 under DDP: logs nothing."""
+
+    wandb_id = None
+    run = None
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        pass
+
+    def log_image(self, key: str, path: str | Path, step: int | None = None) -> None:
+        pass
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        pass
+
+    def close(self, exit_code: int = 0) -> None:
+        pass
+
+
 class Trainer:
     """Train ``cfg.model`` on ``cfg.data`` with the LSM mode ``cfg.lsm.mode``.
 
@@ -274,6 +390,22 @@ class Trainer:
         if self.mode not in LSM_MODES:
             raise ValueError(f"lsm.mode: expected one of {list(LSM_MODES)}, got {self.mode!r}")
         self.device = resolve_device(_get(tcfg, "device", "auto"))
+        # data parallel ------------------------------------------------------------
+        self.strategy = _get(tcfg, "strategy", "single")
+        if self.strategy not in ("single", "ddp"):
+            raise ValueError(f"trainer.strategy: expected single or ddp, got {self.strategy!r}")
+        self.rank = dist_utils.rank()
+        self.world_size = dist_utils.world_size()
+        if self.world_size > 1 and self.strategy != "ddp":
+            raise ValueError(
+                f"this process is one of {self.world_size} (torch.distributed is initialized, "
+                "e.g. by torchrun) but trainer.strategy is not ddp; add trainer=ddp"
+            )
+        self.ddp = self.strategy == "ddp" and self.world_size > 1
+        self.is_main = self.rank == 0
+        ddp_cfg = _get(tcfg, "ddp", {})
+        if self.ddp and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         threads = _get(tcfg, "num_threads", None)
         if threads:
             torch.set_num_threads(int(threads))
@@ -289,7 +421,8 @@ class Trainer:
         name = dcfg.get("name", "digits")
         self.data = load_data(name, **{k: v for k, v in dcfg.items() if k not in _DATA_KEYS})
         n = len(self.data.train)
-        self.steps_per_epoch = max(1, n // self.batch_size)
+        # DDP: every rank sees n // W samples per epoch, in batches of data.batch_size
+        self.steps_per_epoch = max(1, (n // self.world_size) // self.batch_size)
         self.epochs = int(_get(tcfg, "epochs", 1))
         max_steps = _get(tcfg, "max_steps", None)
         self.total_steps = self.epochs * self.steps_per_epoch
@@ -322,7 +455,15 @@ class Trainer:
                     "after model=<other> on a recipe that sets model.kwargs, use that "
                     "family's recipe or drop a key with ~model.kwargs.<key>"
                 ) from err
-        self.model = model.to(self.device)
+        self.module = model.to(self.device)
+        self.model: nn.Module = self.module
+        if self.ddp:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=bool(_get(ddp_cfg, "find_unused_parameters", False)),
+                broadcast_buffers=bool(_get(ddp_cfg, "broadcast_buffers", True)),
+            )
 
         # layers, probe sets ---------------------------------------------------------
         self.layers: list[str] = []
@@ -333,12 +474,13 @@ class Trainer:
             from lsm_train.capture import resolve_layers
 
             spec = _plain(_get(lcfg, "layers", None))
-            self.layers = resolve_layers(self.model, spec)
+            self.layers = resolve_layers(self.module, spec)
         mon = _get(lcfg, "monitor", {})
         self.monitor_method = _get(mon, "method", "degree")
         # cross-fitting is defined for the degree only
         holdout = _get(mon, "holdout", 0.5)
         self.monitor_holdout = holdout if self.monitor_method == "degree" else None
+        self.monitor_gather = bool(_get(mon, "gather", True))
         probe_n = int(_get(mon, "probe_size", 512))
         test_n = int(_get(mon, "test_size", 512))
         self.probe = self.data.train.batch(torch.arange(min(probe_n, n)))
@@ -381,7 +523,7 @@ class Trainer:
     # ------------------------------------------------------------------ builders
     def _build_optimizer(self, ocfg: Any) -> torch.optim.Optimizer:
         ocfg = dict(_plain(ocfg) or {})
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self.module.parameters() if p.requires_grad]
         if "_target_" in ocfg:
             from hydra.utils import get_class
 
@@ -399,7 +541,7 @@ class Trainer:
 
         cfg = dict(_plain(cfg) or {})
         return LSMLoss(
-            self.model,
+            self.module,
             self.layers,
             weight=float(cfg.get("weight", 0.1)),
             layer_weights=cfg.get("layer_weights"),
@@ -407,6 +549,7 @@ class Trainer:
             scheme=cfg.get("scheme", "pairwise"),
             warmup_steps=int(cfg.get("warmup_steps", 0)),
             crossfit=bool(cfg.get("crossfit", True)),
+            gather=bool(cfg.get("gather", False)),
         )
 
     def _build_guard(self, cfg: Any) -> torch.optim.Optimizer:
@@ -416,9 +559,11 @@ class Trainer:
         probe_n = int(cfg.pop("probe_size", 256))
         n = min(probe_n, len(self.data.train))
         gx, gy = self.data.train.batch(torch.arange(n))
+        # the same probe on every rank; under DDP the guard all-reduces its scores, so every
+        # rank takes the same decision
         return SeparabilityGuard(
             self.optimizer,
-            self.model,
+            self.module,
             (gx.to(self.device), gy.to(self.device)),
             layers=self.layers,
             **cfg,
@@ -429,10 +574,10 @@ class Trainer:
         pcfg = dict(_plain(pcfg) or {})
         if not pcfg or not int(pcfg.get("epochs", 0)):
             return
-        target = getattr(self.model, "pretrain", None)
+        target = getattr(self.module, "pretrain", None)
         if not callable(target):
             raise ValueError(
-                f"trainer.pretrain: model {type(self.model).__name__} has no pretrain method; "
+                f"trainer.pretrain: model {type(self.module).__name__} has no pretrain method; "
                 "set trainer.pretrain=null"
             )
         x = self.data.train.prepare(self.data.train.x).to(self.device)
@@ -444,7 +589,7 @@ class Trainer:
     # --------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         state = {
-            "model": self.model.state_dict(),
+            "model": self.module.state_dict(),
             # the guard's state dict is the inner optimizer's plus its counters and cache
             "optimizer": self.step_optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
@@ -463,7 +608,7 @@ class Trainer:
         return state
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])
         self.step_optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -474,28 +619,72 @@ class Trainer:
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.elapsed = float(state.get("elapsed", 0.0))
         self.acc_sums = dict(state["acc_sums"])
+        if self.ddp and not self.is_main:  # the checkpoint holds the sums over all ranks
+            self.acc_sums = {k: 0 for k in self.acc_sums}
         self.last = dict(state.get("last", {}))
         set_rng_state(state["rng"])
 
     def save(self) -> Path | None:
+        """Write the checkpoint (rank 0 only; under DDP every rank must call it)."""
         if not self.checkpointing:
             return None
-        return save_checkpoint(self.ckpt_path, self.state_dict())
+        sums = self._reduced_sums() if self.ddp else None
+        if not self.is_main:
+            return None
+        state = self.state_dict()
+        if sums is not None:
+            state["acc_sums"] = sums
+        return save_checkpoint(self.ckpt_path, state)
+
+    def _reduced_sums(self) -> dict[str, Any]:
+        s = self.acc_sums
+        keys = ("loss", "correct", "count", "batches")
+        vals = dist_utils.all_reduce_sum([s[k] for k in keys], device=self.device)
+        return {k: (v if k == "loss" else int(round(v))) for k, v in zip(keys, vals, strict=True)}
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
-        """Sample order of ``epoch`` (override to shard it, e.g. one slice per DDP rank)."""
-        return epoch_order(len(self.data.train), self.seed, epoch)
+        """Sample order of ``epoch``; under DDP this rank's shard of it."""
+        order = epoch_order(len(self.data.train), self.seed, epoch)
+        if self.ddp:
+            order = dist_utils.shard_indices(order, self.rank, self.world_size)
+        return order
+
+    def check_replicas(self) -> float:
+        """Under DDP: raise :class:`~lsm_train.distributed.ParameterMismatchError` unless the
+        parameters agree on every rank (checksum all-reduce). Returns the largest spread."""
+        if not self.ddp:
+            return 0.0
+        rtol = float(_get(_get(_get(self.cfg, "trainer", {}), "ddp", {}), "check_rtol", 1e-9))
+        return dist_utils.check_parameters_in_sync(self.module, rtol=rtol)
 
     # ------------------------------------------------------------------- monitor
     def monitor(self) -> dict[str, float]:
-        val_loss, val_acc = evaluate(self.model, self.data.test, self.device, self.eval_batch_size)
+        """Val loss/acc and per-layer MD-LSM (under DDP: every rank must call it; the layer
+        scores are complete on rank 0)."""
+        if self.ddp:
+            val_loss, val_acc = _evaluate_ddp(
+                self.module, self.data.test, self.device, self.eval_batch_size
+            )
+        else:
+            val_loss, val_acc = evaluate(
+                self.module, self.data.test, self.device, self.eval_batch_size
+            )
         out: dict[str, float] = {"val/loss": val_loss, "val/acc": val_acc}
         if self.monitor_on and self.layers:
-            kw = dict(method=self.monitor_method, holdout=self.monitor_holdout, seed=self.seed)
+            kw: dict[str, Any] = dict(
+                method=self.monitor_method, holdout=self.monitor_holdout, seed=self.seed
+            )
+            measure: Callable[..., tuple[dict[str, float], float]] = measure_layers
+            if self.ddp:
+                measure = measure_layers_ddp
+                kw["gather"] = self.monitor_gather
             px, py = (t.to(self.device) for t in self.probe)
-            lsm, probe_acc = measure_layers(self.model, px, py, self.layers, **kw)
+            lsm, probe_acc = measure(self.module, px, py, self.layers, **kw)
             tx, ty = (t.to(self.device) for t in self.test_probe)
-            val_lsm, _ = measure_layers(self.model, tx, ty, self.layers, **kw)
+            val_lsm, _ = measure(self.module, tx, ty, self.layers, **kw)
+            if not lsm:  # DDP with gathered features: the scores live on rank 0
+                out["probe/acc"] = probe_acc
+                return out
             out["probe/acc"] = probe_acc
             out.update({f"lsm/{k}": v for k, v in lsm.items()})
             out.update({f"val_lsm/{k}": v for k, v in val_lsm.items()})
@@ -508,7 +697,7 @@ class Trainer:
         return out
 
     def _train_metrics(self) -> dict[str, float]:
-        s = self.acc_sums
+        s = self._reduced_sums() if self.ddp else self.acc_sums
         out: dict[str, float] = {}
         if s["count"]:
             out["train/loss"] = s["loss"] / max(1, s["batches"])
@@ -516,6 +705,9 @@ class Trainer:
         out["lr"] = float(self.step_optimizer.param_groups[0]["lr"])
         if self.reg is not None:
             last = getattr(self.reg, "last", None) or {}
+            if self.ddp and last and not getattr(self.reg, "gather", False):
+                summed = dist_utils.all_reduce_sum(list(last.values()), device=self.device)
+                last = {k: v / self.world_size for k, v in zip(last, summed, strict=True)}
             out.update({f"lsm_loss/{k}": float(v) for k, v in last.items()})
         if self.guard is not None:
             out.update(_guard_stats(self.guard))
@@ -533,7 +725,18 @@ class Trainer:
         return record
 
     # --------------------------------------------------------------------- train
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor] | None:
+    def _agree(self, finite: bool, stop: bool) -> tuple[bool, bool]:
+        """(every rank's loss is finite, some rank received a signal): one all-reduce."""
+        if not self.ddp:
+            return finite, stop
+        bad, stops = dist_utils.all_reduce_sum(
+            [0.0 if finite else 1.0, 1.0 if stop else 0.0], device=self.device
+        )
+        return bad == 0, stops > 0
+
+    def _train_step(
+        self, x: torch.Tensor, y: torch.Tensor, stop_requested: bool = False
+    ) -> tuple[float, torch.Tensor] | None:
         self.model.train()
         opt = self.step_optimizer
         opt.zero_grad(set_to_none=True)
@@ -541,11 +744,12 @@ class Trainer:
         loss = F.cross_entropy(logits, y)
         if self.reg is not None:
             loss = loss + self.reg(y)
-        if not bool(torch.isfinite(loss)):
+        finite, self._stop_agreed = self._agree(bool(torch.isfinite(loss)), stop_requested)
+        if not finite:
             return None
         loss.backward()
         if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.grad_clip))
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), float(self.grad_clip))
         opt.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -553,9 +757,13 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         if self.tracker is None:
-            self.tracker = Tracker(self.run_dir, resume_step=self.step if self.step else None)
+            if self.is_main:
+                self.tracker = Tracker(self.run_dir, resume_step=self.step if self.step else None)
+            else:
+                self.tracker = NullTracker()
         bar = None
-        if self.progress:
+        self._stop_agreed = False
+        if self.progress and self.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", leave=True,
@@ -565,6 +773,10 @@ class Trainer:
         signum = None
         try:
             with _StopFlag() as stop:
+
+                def stopping() -> bool:  # under DDP: only when all ranks know it
+                    return self._stop_agreed if self.ddp else stop.signum is not None
+
                 if self.step == 0 and self.monitor_on:
                     # step 0: the untrained (or only pretrained) network
                     self._log({**self.pretrain_log, **self.monitor()})
@@ -578,11 +790,12 @@ class Trainer:
                         x, y = self.data.train.batch(idx)
                         if self.augment:
                             g = torch.Generator().manual_seed(
-                                (self.seed * 1_000_003 + self.epoch) * 100_003 + b
+                                ((self.seed * 1_000_003 + self.epoch) * 100_003 + b)
+                                * self.world_size + self.rank
                             )
                             x = augment_batch(x, g)
                         x, y = x.to(self.device), y.to(self.device)
-                        out = self._train_step(x, y)
+                        out = self._train_step(x, y, stop.signum is not None)
                         if out is None:
                             status = "nan"
                             message = (
@@ -626,14 +839,14 @@ class Trainer:
                             if self.history_lsm_mean is not None:
                                 post["lsm"] = f"{self.history_lsm_mean:.3f}"
                             bar.set_postfix(post, refresh=False)
-                        if stop.signum is not None:
+                        if stopping():
                             break
                         if end_of_epoch:
                             break
-                    if stop.signum is not None and status == "completed":
+                    if stopping() and status == "completed":
                         status = "interrupted"
-                        signum = stop.signum
-                        name = signal.Signals(stop.signum).name
+                        signum = stop.signum or signal.SIGTERM  # DDP: another rank's signal
+                        name = signal.Signals(signum).name
                         self.save()
                         message = (
                             f"{name} received at step {self.step}: checkpoint written to "

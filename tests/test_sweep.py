@@ -1,0 +1,102 @@
+"""Sweeps with Hydra's launchers: a two-job joblib sweep logs both jobs, one wandb group per
+sweep, every wandb run finished; sweep folders carry microseconds; the Slurm presets compose;
+a parameter mismatch across DDP ranks makes the app exit 3 with a message."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from lsm_train.app import compose
+from lsm_train.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+STAMP = re.compile(r"^\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d{6}$")
+
+
+def _has(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1",
+               HYDRA_FULL_ERROR="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.mark.skipif(not _has("hydra_plugins.hydra_joblib_launcher"),
+                    reason="needs hydra-joblib-launcher (pip install 'lsm_train[launchers]')")
+def test_joblib_sweep_of_two_jobs_logs_both_in_one_wandb_group(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lsm_train", "-m", "hydra/launcher=joblib",
+         "hydra.launcher.n_jobs=2", "seed=0,1", "debug=smoke", "trainer.progress=false",
+         "trainer.plots=false", "trainer.num_threads=1"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in out
+    sweeps = list((tmp_path / "multirun" / "quickstart").iterdir())
+    assert len(sweeps) == 1 and STAMP.match(sweeps[0].name), sweeps
+    group = f"quickstart/{sweeps[0].name}".encode()
+    jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir())
+    assert [j.name for j in jobs] == ["0", "1"]
+    for seed, job in enumerate(jobs):
+        assert f"seed={seed}" in (job / ".hydra" / "overrides.yaml").read_text()
+        assert read_metrics(job)[-1]["step"] == 3
+        runs = list((job / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, runs
+        assert group in next(runs[0].glob("run-*.wandb")).read_bytes()  # the sweep's group
+        log = (runs[0] / "logs" / "debug.log").read_text()
+        assert "finishing run" in log  # each job closed its wandb run
+
+
+def test_sweep_and_run_folders_carry_microseconds():
+    cfg = compose([], return_hydra_config=True)
+    hydra = OmegaConf.to_container(cfg.hydra, resolve=False)
+    for key in ("run", "sweep"):
+        assert hydra[key]["dir"].endswith("${now:%Y-%m-%d_%H-%M-%S_%f}")
+
+
+@pytest.mark.skipif(not _has("hydra_plugins.hydra_submitit_launcher"),
+                    reason="needs hydra-submitit-launcher (pip install 'lsm_train[launchers]')")
+def test_slurm_presets_compose():
+    one = compose(["hydra/launcher=slurm_gpu"], return_hydra_config=True).hydra.launcher
+    assert one._target_.endswith("SlurmLauncher")
+    assert (one.gpus_per_node, one.tasks_per_node) == (1, 1)
+    ddp = compose(["hydra/launcher=slurm_ddp", "trainer=ddp",
+                   "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    la = ddp.hydra.launcher
+    assert la.gpus_per_node == la.tasks_per_node == 4 and la.partition == "gpu"
+    assert ddp.trainer.strategy == "ddp" and ddp.lsm.loss.gather is True
+    assert re.match(r"multirun/quickstart/[\d_-]+/\.submitit/%j$", la.submitit_folder)
+
+
+def test_a_parameter_mismatch_exits_3_with_a_message(tmp_path):
+    script = (
+        "import sys\n"
+        "import lsm_train.trainer as t\n"
+        "from lsm_train.distributed import ParameterMismatchError\n"
+        "def boom(self):\n"
+        "    raise ParameterMismatchError('parameters differ across the 2 ranks: fc.weight')\n"
+        "t.Trainer.check_replicas = boom\n"
+        "from lsm_train.app import main\n"
+        "sys.argv = ['lsm-train', 'debug=smoke', 'logger=none', 'trainer.progress=false',\n"
+        "            'trainer.plots=false', 'trainer.max_steps=1', 'lsm=off']\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "lsm-train: error: parameters differ across the 2 ranks: fc.weight" in proc.stderr
