@@ -173,7 +173,7 @@ class _GatherCat(torch.autograd.Function):
     """cat over ranks; backward returns the gradient of the local slice only."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, group: Any, interleave: bool) -> torch.Tensor:
         dist = _dist()
         w = dist.get_world_size(group)
         r = dist.get_rank(group)
@@ -186,21 +186,32 @@ class _GatherCat(torch.autograd.Function):
         pad[: x.shape[0]] = x.detach()
         parts = [torch.empty_like(pad) for _ in range(w)]
         dist.all_gather(parts, pad.contiguous(), group=group)
+        ctx.interleave = (w, r) if interleave and len(set(counts)) == 1 else None
+        if ctx.interleave is not None:  # row i*W + k = rank k's row i
+            return torch.stack(parts, dim=1).reshape(w * m, *x.shape[1:])
         parts = [p[:c] for p, c in zip(parts, counts, strict=True)]
         start = sum(counts[:r])
         ctx.bounds = (start, start + counts[r])
         return torch.cat(parts)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        if ctx.interleave is not None:
+            w, r = ctx.interleave
+            return grad.reshape(-1, w, *grad.shape[1:])[:, r], None, None
         a, b = ctx.bounds
-        return grad[a:b], None
+        return grad[a:b], None, None
 
 
-def all_gather_cat(x: torch.Tensor, group: Any = None) -> torch.Tensor:
+def all_gather_cat(x: torch.Tensor, group: Any = None, *, interleave: bool = False) -> torch.Tensor:
     """Concatenate ``x`` (shape ``(n_r, ...)``, ``n_r`` may differ by rank) over the ranks of
     ``group`` in rank order. Differentiable: the gradient reaches the local ``x`` only.
     Without a process group (or a world of 1) returns ``x``.
+
+    ``interleave=True`` with equal sizes on every rank orders the rows ``r0[0], r1[0], ...,
+    r0[1], r1[1], ...``: the inverse of strided sharding (``shard_indices`` /
+    ``DistributedSampler``), so the result is the global batch in its original order.
+    With unequal sizes the rank order is kept.
 
     Cost: one all-gather of the sizes, one of ``max_r n_r`` rows per rank (padding).
     """
@@ -208,7 +219,7 @@ def all_gather_cat(x: torch.Tensor, group: Any = None) -> torch.Tensor:
         return x
     if x.ndim == 0:
         raise ValueError("all_gather_cat: expected a tensor with a batch dimension, got a scalar")
-    return _GatherCat.apply(x.contiguous(), group)
+    return _GatherCat.apply(x.contiguous(), group, bool(interleave))
 
 
 def all_reduce_sum(values: Iterable[float], device: Any = "cpu", group: Any = None) -> list[float]:

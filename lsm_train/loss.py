@@ -29,12 +29,16 @@ features are upcast), since it solves a small linear system.
 Data parallel (DDP). With ``gather=True`` and an initialized ``torch.distributed`` group of
 W > 1 ranks, S_l is computed on the features and labels of *all* ranks' batches
 (:func:`lsm_train.distributed.all_gather_cat`, unequal batch sizes allowed), so it is the
-score of the global batch, the same value on every rank. The gradient flows to the local
-slice only; the regulariser's gradient is multiplied by W (its value is unchanged) so that
-after DDP averages the gradients over the ranks, the update equals the single-process
-gradient of R on the global batch. Cost per step and layer: one all-gather of W·max n_r·d
-numbers, and the score on W·n samples instead of n (O(N·d·min(N, d) + N²) with N = W·n).
-``gather=False`` (default) scores each rank's own batch (no communication).
+score of the global batch, the same value on every rank. With equal batch sizes the rows are
+interleaved (rank 0's first sample, rank 1's first, ...), which undoes strided sharding
+(``DistributedSampler``): the batch is the single-process global batch in its order, so
+order-dependent options (``crossfit``) give the single-process value too. The gradient
+flows to the local slice only; the regulariser's gradient is multiplied by W (its value is
+unchanged) so that after DDP averages the gradients over the ranks, the update equals the
+single-process gradient of R on the global batch. Cost per step and layer: one all-gather
+of W·max n_r·d numbers, and the score on N = W·n samples instead of n
+(O(N·d·min(N, d) + N²)). ``gather=False`` (default) scores each rank's own batch (no
+communication).
 """
 
 from __future__ import annotations
@@ -224,8 +228,8 @@ def _gather(
     """Features and labels of every rank, concatenated in rank order (local part keeps grad)."""
     from lsm_train.distributed import all_gather_cat
 
-    out = {n: all_gather_cat(f, group) for n, f in feats.items()}
-    return out, all_gather_cat(y, group)
+    out = {n: all_gather_cat(f, group, interleave=True) for n, f in feats.items()}
+    return out, all_gather_cat(y, group, interleave=True)
 
 
 # --------------------------------------------------------------------------- module

@@ -112,6 +112,10 @@ def _helpers(rank: int, out_dir: str) -> None:
     (g * weights).sum().backward()
     out["gathered"], out["grad"] = g.detach(), x.grad
     out["labels"] = D.all_gather_cat(torch.full((1 + rank,), rank))
+    z = (torch.arange(3.0) + 10 * rank).requires_grad_(True)
+    zi = D.all_gather_cat(z, interleave=True)  # equal sizes: r0[0], r1[0], r0[1], ...
+    (zi * torch.arange(6.0)).sum().backward()
+    out["interleaved"], out["interleaved_grad"] = zi.detach(), z.grad
     assert D.broadcast_str("from rank 0" if rank == 0 else "") == "from rank 0"
 
     # gathered soft MD-LSM = single-process score of the full batch, same gradient
@@ -125,7 +129,7 @@ def _helpers(rank: int, out_dir: str) -> None:
     torch.manual_seed(0)
     model = Tiny(d_in=5, classes=3).double()
     ddp = nn.parallel.DistributedDataParallel(model)
-    reg = LSMLoss(model, weight=0.5, gather=True, crossfit=False)
+    reg = LSMLoss(model, weight=0.5, gather=True)  # cross-fitted: order matters
     xb, yb = _batch(12, 5, seed=20 + rank)
     loss = F.cross_entropy(ddp(xb), yb) + reg(yb)
     loss.backward()
@@ -186,6 +190,9 @@ def test_gather_loss_and_checksum_in_two_gloo_processes(two_ranks):
     w = torch.arange(16.0).reshape(8, 2)
     assert torch.equal(r0["grad"], w[:3]) and torch.equal(r1["grad"], w[3:])
     assert r0["labels"].tolist() == [0, 1, 1]
+    assert r0["interleaved"].tolist() == [0.0, 10.0, 1.0, 11.0, 2.0, 12.0]
+    assert r0["interleaved_grad"].tolist() == [0.0, 2.0, 4.0]
+    assert r1["interleaved_grad"].tolist() == [1.0, 3.0, 5.0]
 
     # gathered score == single-process score on the full batch; gradients are its slices
     H = torch.cat([r0["H"], r1["H"]]).requires_grad_(True)
@@ -199,9 +206,11 @@ def test_gather_loss_and_checksum_in_two_gloo_processes(two_ranks):
     # DDP-averaged gradient of CE + gathered LSM loss == one process on the global batch
     model = Tiny(d_in=5, classes=3).double()
     model.load_state_dict(r0["state"])
-    reg = LSMLoss(model, weight=0.5, crossfit=False)
-    xb = torch.cat([_batch(12, 5, seed=20)[0], _batch(12, 5, seed=21)[0]])
-    yb = torch.cat([_batch(12, 5, seed=20)[1], _batch(12, 5, seed=21)[1]])
+    reg = LSMLoss(model, weight=0.5)
+    # the global batch in the order strided sharding took it from: rows interleaved
+    (x0, y0), (x1, y1) = _batch(12, 5, seed=20), _batch(12, 5, seed=21)
+    xb = torch.stack([x0, x1], dim=1).reshape(24, 5)
+    yb = torch.stack([y0, y1], dim=1).reshape(24)
     F.cross_entropy(model(xb), yb).add(reg(yb)).backward()
     for r in (r0, r1):
         assert r["reg_last"] == pytest.approx(reg.last, abs=1e-12)
@@ -223,7 +232,7 @@ def _ddp_cfg(*extra: str):
         "data.limit_test=40", "data.batch_size=16", "trainer.epochs=2",
         "trainer.monitor_every_n_steps=3", "trainer.log_every_n_steps=1",
         "lsm.monitor.probe_size=40", "lsm.monitor.test_size=40", "lsm.guard.probe_size=32",
-        "lsm.loss.crossfit=false", "lsm.guard.tolerance=0.0", *extra,
+        "lsm.guard.tolerance=0.0", *extra,
     ])
 
 
