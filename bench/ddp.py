@@ -63,11 +63,12 @@ def _worker(rank: int, world: int, init: str, args: argparse.Namespace, out: str
                     H.grad = None
 
                 def gather_only(H=H, y=y):
-                    all_gather_cat(H.detach())
-                    all_gather_cat(y)
+                    all_gather_cat(H.detach(), interleave=True)
+                    all_gather_cat(y, interleave=True)
 
                 def gathered(H=H, y=y):
-                    s = soft_md_lsm(all_gather_cat(H), all_gather_cat(y), 0.5, crossfit=True)
+                    Hg = all_gather_cat(H, interleave=True)  # as LSMLoss(gather=True)
+                    s = soft_md_lsm(Hg, all_gather_cat(y, interleave=True), 0.5, crossfit=True)
                     s.backward()
                     H.grad = None
 
