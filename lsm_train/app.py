@@ -483,9 +483,14 @@ def main() -> None:
     register_sources()
     created = False
     torchrun = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    if torchrun and any(a in ("-m", "--multirun") for a in sys.argv[1:]):
+        print("lsm-train: error: a multirun cannot run under torchrun (every rank would start "
+              "its own sweep); sweep with a launcher, e.g. hydra/launcher=slurm_ddp "
+              "trainer=ddp, or run torchrun once per configuration", file=sys.stderr)
+        sys.exit(2)
     if torchrun and not any(
-        a in ("-m", "--multirun") for a in sys.argv[1:]
-    ) and not any(a in ("-h", "--help", "--hydra-help", "-c", "--cfg") for a in sys.argv[1:]):
+        a in ("-h", "--help", "--hydra-help", "-c", "--cfg") for a in sys.argv[1:]
+    ):
         created = dist_utils.init_from_env()  # torchrun: one process group for the run
         _share_run_dir(sys.argv)
     try:

@@ -103,3 +103,14 @@ def test_a_parameter_mismatch_exits_3_with_a_message(tmp_path, monkeypatch, caps
     assert exc.value.code == 3
     err = capsys.readouterr().err
     assert "lsm-train: error: parameters differ across the 2 ranks: fc.weight" in err
+
+
+def test_a_multirun_under_torchrun_is_refused(monkeypatch, capsys):
+    from lsm_train.app import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(sys, "argv", ["lsm-train", "-m", "seed=0,1"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    assert "multirun cannot run under torchrun" in capsys.readouterr().err
