@@ -313,3 +313,41 @@ def test_identical_sets_and_single_points():
     assert lt.md_lsm(A, A + 1) == 1.0
     X = np.random.default_rng(0).normal(size=(10, 3))
     assert lt.md_lsm(X, X) == pytest.approx(0.5)  # symmetric overlap: ties on the diagonal
+
+
+# ------------------------------------------------------------- Ledoit–Wolf shrinkage
+
+
+@pytest.mark.parametrize("n,d", [(200, 30), (40, 120)])  # primal and dual (span) paths
+def test_ledoit_wolf_shrinkage_matches_sklearn(n, d):
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
+    from lsm_train.measures.degree import _Metric, _reduce_rows
+
+    rng = np.random.default_rng(31)
+    X = torch.tensor(rng.normal(size=(n, d)) * np.exp(rng.normal(size=d)) + 3.0)
+    y = torch.arange(n) % 3
+    groups = [(y == c).nonzero().reshape(-1) for c in range(3)]
+    x, _ = _reduce_rows(X)
+    alpha = _Metric(x, groups, d).ledoit_wolf()
+    Z = torch.cat([X[g] - X[g].mean(0) for g in groups]).numpy()
+    assert alpha == pytest.approx(ledoit_wolf_shrinkage(Z, assume_centered=True), rel=1e-9)
+    assert 0.0 <= alpha <= 1.0
+
+
+def test_fit_without_selection_returns_every_shrinkage_lda():
+    """_fit(select=False): the unit LDA directions Σ_α⁻¹(μ_A − μ_B), one per α, in order."""
+    from lsm_train.measures.degree import _fit
+
+    rng = np.random.default_rng(32)
+    X = torch.tensor(rng.normal(size=(60, 5)))
+    ia, ib = torch.arange(30), torch.arange(30, 60)
+    W = _fit(X, [ia, ib], [(ia, ib)], alphas=(0.2, 1.0), n_random=0, n_starts=0, max_iter=0,
+             subsample=2, seed=0, select=False)
+    a, b = X[:30].numpy(), X[30:].numpy()
+    S = ((a - a.mean(0)).T @ (a - a.mean(0)) + (b - b.mean(0)).T @ (b - b.mean(0))) / 58
+    diff = a.mean(0) - b.mean(0)
+    for k, alpha in enumerate((0.2, 1.0)):
+        Sa = (1 - alpha) * S + alpha * np.trace(S) / 5 * np.eye(5)
+        ref = np.linalg.solve(Sa, diff)
+        assert np.allclose(W[:, 0, k].numpy(), ref / np.linalg.norm(ref), atol=1e-10)

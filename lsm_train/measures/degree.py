@@ -194,12 +194,38 @@ class _Metric:
             block -= block.mean(0)
             start += g.numel()
         self.cov = _gram(resid) / max(used.numel() - len(groups), 1)
+        self._resid_sq = (resid * resid).sum(1)  # squared norms of the residuals
+        self._d_full = d_full
+        self._n_groups = len(groups)
         tr = float(torch.diagonal(self.cov).sum())
         if not tr > 0:  # every class is a single repeated point: use the total variance
             tr = float((x * x).sum()) / max(x.shape[0], 1)
         self.beta = (tr if tr > 0 else 1.0) / d_full
         self.eye = torch.eye(r, dtype=x.dtype, device=x.device)
         self._chol: dict[float, torch.Tensor] = {}
+
+    def ledoit_wolf(self) -> float:
+        """Ledoit–Wolf shrinkage intensity α ∈ [0, 1] towards (tr S / d)·I for the pooled
+        within-class residuals z_i (S = Σ z_i z_iᵀ / n, d the full dimension)::
+
+            α = min(b̄², δ²) / δ²,  δ² = ‖S − (tr S / d)·I‖²_F = ‖S‖²_F − (tr S)² / d,
+            b̄² = (1/n²) Σ_i ‖z_i z_iᵀ − S‖²_F = (Σ_i ‖z_i‖⁴ / n − ‖S‖²_F) / n,
+
+        the analytic estimate of the shrinkage that minimizes the expected Frobenius loss
+        (Ledoit & Wolf 2004; equals sklearn's ``ledoit_wolf_shrinkage`` of the residuals with
+        ``assume_centered=True``). Computed in the reduced coordinates without loss: the
+        norms and traces are those of the full d-dimensional S."""
+        n = self._resid_sq.numel()
+        if n == 0:
+            return 1.0
+        S = self.cov * (max(n - self._n_groups, 1) / n)
+        fro2 = float((S * S).sum())
+        tr = float(self._resid_sq.sum()) / n
+        delta2 = fro2 - tr * tr / self._d_full
+        if not delta2 > 0:
+            return 1.0
+        bbar2 = (float((self._resid_sq ** 2).sum()) / n - fro2) / n
+        return float(min(max(bbar2, 0.0), delta2) / delta2)
 
     def chol(self, alpha: float) -> torch.Tensor:
         if alpha not in self._chol:
@@ -321,16 +347,20 @@ def _fit(
     groups: list[torch.Tensor],
     pairs: list[tuple[torch.Tensor, torch.Tensor]],
     *,
-    alphas: tuple[float, ...],
+    alphas: tuple[float | str, ...],
     n_random: int,
     n_starts: int,
     max_iter: int,
     subsample: int,
     seed: int,
+    select: bool = True,
 ) -> torch.Tensor:
     """Best directions (d, K), oriented so that their AUC >= 1/2 on the rows of X, for the
     K problems ``pairs`` (A-rows, B-rows) over the float64 rows X. ``groups`` are the classes
-    whose within-class covariance is pooled (shared by all problems)."""
+    whose within-class covariance is pooled (shared by all problems). An entry ``"lw"`` of
+    ``alphas`` is the Ledoit–Wolf shrinkage of that covariance (:meth:`_Metric.ledoit_wolf`).
+    ``select=False`` skips the selection and the ascent: it returns every candidate, unit
+    columns (d, K, C) in the order of ``alphas`` (then the random ones), not oriented."""
     d = X.shape[1]
     x, to_full = _reduce_rows(X)
     r = x.shape[1]
@@ -349,6 +379,7 @@ def _fit(
         sel.scatter_add_(1, p.ib, -p.mb.to(x.dtype) / p.nb.to(x.dtype)[:, None])
         diff[:, c:c + step] = (sel @ x).T
 
+    alphas = tuple(metric.ledoit_wolf() if a == "lw" else a for a in alphas)
     cols = [metric.solve(a, diff) for a in alphas]  # each (r, K)
     Lw = metric.chol(_WHITEN_ALPHA)
     if n_random:
@@ -358,6 +389,9 @@ def _fit(
     W = torch.stack(cols, dim=2)  # (r, K, C)
     W = W / W.norm(dim=0, keepdim=True).clamp_min(1e-300)
     W = W.permute(1, 0, 2).contiguous()  # (K, r, C)
+    if not select:
+        Wf = to_full(W.permute(1, 0, 2))  # (d, K, C)
+        return Wf / Wf.norm(dim=0, keepdim=True).clamp_min(1e-300)
 
     total = 2 * P.na * P.nb  # (K,)
     u2, sign = _orient(_exact_u2(x, W, P), total[:, None])
