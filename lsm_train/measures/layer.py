@@ -25,11 +25,23 @@ separability exactly).
 
 **Degree, cross-fitted** (``holdout=f``). The samples of each class are split at random
 (seeded, stratified) into a part of round(f·n_c) samples (at least 1, at most n_c − 1) and
-the rest. Directions are fitted, as above, on the first part and their AUC — with the
+the rest. One direction per problem is fitted on the first part and its AUC — with the
 fitted orientation, *not* flipped, so it can fall below 0.5 — is computed exactly on the
 second part; then the parts swap roles and the two AUCs are averaged. This estimates
 out-of-sample separability: it stays near 0.5 for random labels even when d >= n, where
-the in-sample degree saturates at 1 (Cover's theorem). Classes with fewer than 2 samples
+the in-sample degree saturates at 1 (Cover's theorem).
+
+The fitted direction is the shrinkage-LDA Σ_α⁻¹(μ_A − μ_B) (Σ pooled over the classes of
+the fitting part) with one α per layer chosen *from the fitting part alone*: a stratified
+inner 2-fold split of that part scores every α of {Ledoit–Wolf, 1, 0.3, 0.1, 0.03, 0.01,
+1e-3} by its held-out AUC (mean over problems and both inner folds); the best α (ties: the
+more regularized) is then refitted on the whole fitting part. There is no selection by
+in-sample AUC and no ascent here (``max_iter``/``subsample`` only act in-sample): when the
+fitting part has about as many rows as the layer has dimensions, several candidates
+separate it perfectly, and picking among them in-sample favoured the nearly unregularized
+LDA, whose held-out AUC is poor — a dip of the score at n_fit ≈ d. The same rule runs on
+the primal (d <= n_fit) and the span (d > n_fit) path, which give the same direction for a
+given α. Classes with fewer than 2 samples
 cannot be split: they are left out of the cross-fitted score (pairs involving them are
 dropped, and for ``ovr`` their samples are dropped from "rest") with a ``UserWarning``;
 fewer than 2 splittable classes raise ValueError. ``holdout`` is only defined for
@@ -52,13 +64,16 @@ import torch
 
 from .._validation import _as_float, check_features_labels, check_fraction, to_tensor
 from ..features import reduce_features
-from .degree import _auc2_counts, _fit, _int_arg, _scores
+from .degree import _auc2_counts, _exact_u2, _fit, _int_arg, _Problems, _scores
 
 __all__ = ["layer_separability", "METHODS", "SCHEMES"]
 
 METHODS = ("degree", "margin", "soft")
 SCHEMES = ("pairwise", "ovr")
 _ALPHAS = (1e-6, 0.1, 1.0)  # shrinkage-LDA candidates (1.0: mean difference)
+# cross-fitting: shrinkage grid for the inner split, most regularized first ("lw": the
+# analytic Ledoit–Wolf intensity of the fitting part)
+_HOLDOUT_ALPHAS: tuple[float | str, ...] = ("lw", 1.0, 0.3, 0.1, 0.03, 0.01, 1e-3)
 
 
 def _features(H: Any, reduce: str) -> torch.Tensor:
@@ -91,6 +106,52 @@ def _auc_values(X: torch.Tensor, W: torch.Tensor, pairs, *, orient: bool) -> lis
     return out
 
 
+def _split(index: dict, classes: list[int], frac: float, gen: torch.Generator):
+    """Seeded stratified split: per class a random part of round(frac·n_c) rows (at least
+    1, at most n_c − 1) and the rest."""
+    parts: list[dict[int, torch.Tensor]] = [{}, {}]
+    for c in classes:
+        idx = index[c]
+        perm = idx[torch.randperm(idx.numel(), generator=gen).to(idx.device)]
+        k = min(max(round(frac * idx.numel()), 1), idx.numel() - 1)
+        parts[0][c], parts[1][c] = perm[:k], perm[k:]
+    return parts
+
+
+def _stack(X: torch.Tensor, part: dict, classes: list[int], scheme: str):
+    """Rows of ``part`` stacked class by class: (X rows, problems, class groups, keys)."""
+    rows = torch.cat([part[c] for c in classes])
+    local, start = {}, 0
+    for c in classes:
+        local[c] = torch.arange(start, start + part[c].numel(), device=X.device)
+        start += part[c].numel()
+    keys, pairs = _tasks(classes, local, scheme)
+    return X[rows], pairs, [local[c] for c in classes], keys
+
+
+def _choose_alpha(X, part: dict, classes: list[int], scheme: str, gen) -> float | str:
+    """Shrinkage of the cross-fitted direction, chosen on the fitting part alone: a
+    stratified inner 2-fold split of ``part``; every α of ``_HOLDOUT_ALPHAS`` is fitted on one
+    inner half and its (unflipped) AUC measured on the other, both ways; the α with the best
+    mean inner held-out AUC over all problems wins (ties: the earlier, more regularized
+    entry). Falls back to Ledoit–Wolf when the part is too small to split (fewer than 2
+    classes with >= 2 rows)."""
+    ok = [c for c in classes if part[c].numel() >= 2]
+    if len(ok) < 2:
+        return "lw"
+    inner = _split(part, ok, 0.5, gen)
+    score = torch.zeros(len(_HOLDOUT_ALPHAS), dtype=torch.float64)
+    for a, b in ((inner[0], inner[1]), (inner[1], inner[0])):
+        Xa, pairs_a, groups_a, _ = _stack(X, a, ok, scheme)
+        Xb, pairs_b, _, _ = _stack(X, b, ok, scheme)
+        W = _fit(Xa, groups_a, pairs_a, alphas=_HOLDOUT_ALPHAS, n_random=0, n_starts=0,
+                 max_iter=0, subsample=2, seed=0, select=False)  # (d, K, C)
+        P = _Problems.build(pairs_b, X.device)
+        u2 = _exact_u2(Xb, W.permute(1, 0, 2).contiguous(), P)  # (K, C)
+        score += (u2.double() / (2 * P.na * P.nb).double()[:, None]).mean(0).cpu()
+    return _HOLDOUT_ALPHAS[int(torch.argmax(score))]
+
+
 def _degree(X, labels, scheme, holdout, seed, fit_kw):
     classes = torch.unique(labels).tolist()
     index = {c: (labels == c).nonzero().reshape(-1) for c in classes}
@@ -115,27 +176,15 @@ def _degree(X, labels, scheme, holdout, seed, fit_kw):
             f"{ {c: int(index[c].numel()) for c in classes + skipped} })"
         )
     gen = torch.Generator().manual_seed(int(seed))
-    parts: list[dict[int, torch.Tensor]] = [{}, {}]
-    for c in classes:
-        idx = index[c]
-        perm = idx[torch.randperm(idx.numel(), generator=gen).to(idx.device)]
-        k = min(max(round(holdout * idx.numel()), 1), idx.numel() - 1)
-        parts[0][c], parts[1][c] = perm[:k], perm[k:]
+    parts = _split(index, classes, holdout, gen)
 
     sums = None
     for fit_part, eval_part in ((parts[0], parts[1]), (parts[1], parts[0])):
-        values = []
-        for part in (fit_part, eval_part):
-            rows = torch.cat([part[c] for c in classes])
-            local = {}
-            start = 0
-            for c in classes:
-                local[c] = torch.arange(start, start + part[c].numel(), device=X.device)
-                start += part[c].numel()
-            keys, pairs = _tasks(classes, local, scheme)
-            values.append((X[rows], pairs, [local[c] for c in classes]))
-        (Xf, pairs_f, groups_f), (Xe, pairs_e, _) = values
-        W = _fit(Xf, groups_f, pairs_f, seed=seed, **fit_kw)
+        Xf, pairs_f, groups_f, keys = _stack(X, fit_part, classes, scheme)
+        Xe, pairs_e, _, _ = _stack(X, eval_part, classes, scheme)
+        alpha = _choose_alpha(X, fit_part, classes, scheme, gen)
+        W = _fit(Xf, groups_f, pairs_f, alphas=(alpha,), n_random=0, n_starts=0, max_iter=0,
+                 subsample=2, seed=seed)
         auc = _auc_values(Xe, W, pairs_e, orient=False)
         sums = auc if sums is None else [s + a for s, a in zip(sums, auc, strict=True)]
     return keys, [s / 2 for s in sums], classes, skipped
@@ -165,8 +214,9 @@ def layer_separability(
         holdout: None (in-sample) or a fraction in (0, 1): cross-fitted degree.
         reduce: how to reduce maps/sequences to vectors (see :mod:`lsm_train.features`).
         return_details: also return the per-pair values (see module docstring).
-        seed: seeds the subsampling of the ascent and the holdout split.
-        max_iter, subsample: work of the degree's ascent per problem (0: candidates only).
+        seed: seeds the subsampling of the ascent and the holdout splits.
+        max_iter, subsample: work of the degree's ascent per problem (0: candidates only);
+            in-sample only (the cross-fitted score does not use the ascent).
 
     Returns the score (float), or ``(score, details)``.
     """
