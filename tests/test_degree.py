@@ -351,3 +351,20 @@ def test_fit_without_selection_returns_every_shrinkage_lda():
         Sa = (1 - alpha) * S + alpha * np.trace(S) / 5 * np.eye(5)
         ref = np.linalg.solve(Sa, diff)
         assert np.allclose(W[:, 0, k].numpy(), ref / np.linalg.norm(ref), atol=1e-10)
+
+
+def test_fit_span_path_gives_the_full_space_lda_direction():
+    """d > n: the span (Gram) path returns the same unit direction Σ_α⁻¹(μ_A − μ_B) as the
+    d × d solve, so the cross-fitted score has no jump where the path switches."""
+    from lsm_train.measures.degree import _fit
+
+    rng = np.random.default_rng(33)
+    n, d = 24, 40
+    X = torch.tensor(rng.normal(size=(n, d)) * np.exp(rng.normal(size=d)))
+    ia, ib = torch.arange(12), torch.arange(12, n)
+    W = _fit(X, [ia, ib], [(ia, ib)], alphas=(0.05,), n_random=0, n_starts=0, max_iter=0,
+             subsample=2, seed=0, select=False)
+    a, b = X[:12].numpy(), X[12:].numpy()
+    S = ((a - a.mean(0)).T @ (a - a.mean(0)) + (b - b.mean(0)).T @ (b - b.mean(0))) / (n - 2)
+    ref = np.linalg.solve(0.95 * S + 0.05 * np.trace(S) / d * np.eye(d), a.mean(0) - b.mean(0))
+    assert np.allclose(W[:, 0, 0].numpy(), ref / np.linalg.norm(ref), atol=1e-8)
