@@ -28,7 +28,7 @@ _EXPORTS: dict[str, str] = {
     "lsm_loss": "lsm_train.loss",
     "SeparabilityGuard": "lsm_train.guard",
 }
-_SUBMODULES = {"models", "measures", "data"}
+_SUBMODULES = {"models", "measures", "data", "distributed"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

@@ -154,7 +154,11 @@ def _scores(
     for name, f in feats.items():
         if f.dtype in (torch.float16, torch.bfloat16):
             f = f.float()
-        if nan_if_not_finite and not bool(torch.isfinite(f).all()):
+        # one reduction instead of an elementwise isfinite pass over a whole conv map: the
+        # sum of finite features is finite unless it overflows, then check in full
+        if nan_if_not_finite and not bool(torch.isfinite(f.detach().sum())) and not bool(
+            torch.isfinite(f).all()
+        ):
             out[name] = f.sum() * float("nan")
             continue
         with torch.autocast(device_type=f.device.type, enabled=False):

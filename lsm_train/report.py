@@ -265,6 +265,12 @@ class Run:
         end = (self.path / METRICS_FILE).stat().st_mtime
         return max(0.0, end - min(starts))
 
+    def train_time(self) -> float:
+        """Seconds of training alone (``time/train_s``: wall time minus the monitor), NaN
+        when the run did not log it."""
+        col = self.column("time/train_s")
+        return float(np.nanmax(col)) if np.isfinite(col).any() else math.nan
+
     def accept_rate(self) -> float:
         """Guard acceptance rate: last value of an accept-rate key, else from counts, else NaN."""
         for key in ACCEPT_KEYS:
@@ -397,8 +403,11 @@ def sync_table(run: Run, threshold: float) -> Table:
 
 def summary_table(groups: list[Group], threshold: float) -> Table:
     any_guard = any(r.has_guard for g in groups for r in g.runs)
+    any_train_time = any(math.isfinite(r.train_time()) for g in groups for r in g.runs)
     columns = ["setting", "runs", "final val/acc", f"steps to train/acc ≥ {threshold:g}",
                "wall time (s)"]
+    if any_train_time:
+        columns.append("train time (s)")
     if any_guard:
         columns.append("guard accept rate")
     columns.append("final mean MD-LSM")
@@ -415,6 +424,8 @@ def summary_table(groups: list[Group], threshold: float) -> Table:
             steps_text,
             stats.format_mean_std([r.wall_time() for r in g.runs], digits=1),
         ]
+        if any_train_time:
+            row.append(stats.format_mean_std([r.train_time() for r in g.runs], digits=1))
         if any_guard:
             guarded = [r.accept_rate() for r in g.runs if r.has_guard]
             row.append(stats.format_mean_std(guarded) if guarded else "–")
@@ -690,6 +701,7 @@ def _run_summary(run: Run, threshold: float) -> dict:
         "final_val_acc": num(run.final("val/acc")),
         "steps_to_threshold": run.steps_to(threshold),
         "wall_time_s": num(run.wall_time()),
+        "train_time_s": num(run.train_time()),
         "guard_accept_rate": num(run.accept_rate()),
         "final_mean_lsm": num(run.final_mean_lsm()),
         "final_lsm": {k: num(v) for k, v in run.final_lsm().items()},

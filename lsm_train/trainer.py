@@ -468,7 +468,9 @@ class Trainer:
         # layers, probe sets ---------------------------------------------------------
         self.layers: list[str] = []
         monitor_enabled = bool(_get(_get(lcfg, "monitor", {}), "enabled", True))
-        self.monitor_on = self.mode != "off" and monitor_enabled
+        # lsm=off disables the monitor in its config; a recipe may switch it back on
+        # (ablation/lsm-modes does, so that the MD-LSM curves of all modes compare)
+        self.monitor_on = monitor_enabled
         need_layers = self.monitor_on or self.mode in ("loss", "guard", "both")
         if need_layers:
             from lsm_train.capture import resolve_layers
@@ -511,6 +513,7 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.elapsed = 0.0
+        self.monitor_elapsed = 0.0  # seconds spent in monitor() (evaluation + MD-LSM)
         self.acc_sums = {"loss": 0.0, "correct": 0, "count": 0, "batches": 0}
         self.last: dict[str, float] = {}
         self.history_lsm_mean: float | None = None
@@ -598,6 +601,7 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "elapsed": self.elapsed,
+            "monitor_elapsed": self.monitor_elapsed,
             "acc_sums": dict(self.acc_sums),
             "last": dict(self.last),
             "rng": rng_state(),
@@ -618,6 +622,7 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.elapsed = float(state.get("elapsed", 0.0))
+        self.monitor_elapsed = float(state.get("monitor_elapsed", 0.0))
         self.acc_sums = dict(state["acc_sums"])
         if self.ddp and not self.is_main:  # the checkpoint holds the sums over all ranks
             self.acc_sums = {k: 0 for k in self.acc_sums}
@@ -660,7 +665,14 @@ class Trainer:
     # ------------------------------------------------------------------- monitor
     def monitor(self) -> dict[str, float]:
         """Val loss/acc and per-layer MD-LSM (under DDP: every rank must call it; the layer
-        scores are complete on rank 0)."""
+        scores are complete on rank 0). Its wall time is logged as ``time/monitor_s``."""
+        started = time.perf_counter()
+        try:
+            return self._monitor()
+        finally:
+            self.monitor_elapsed += time.perf_counter() - started
+
+    def _monitor(self) -> dict[str, float]:
         if self.ddp:
             val_loss, val_acc = _evaluate_ddp(
                 self.module, self.data.test, self.device, self.eval_batch_size
@@ -719,7 +731,13 @@ class Trainer:
         record.update(self._train_metrics())
         if extra:
             record.update(extra)
+        if getattr(self, "_clock_start", None) is not None:  # include a monitor just run
+            self.elapsed = time.perf_counter() - self._clock_start
         record["time/elapsed_s"] = self.elapsed
+        # training alone (elapsed minus the monitor): comparable across lsm modes, since
+        # lsm=off does not monitor
+        record["time/monitor_s"] = self.monitor_elapsed
+        record["time/train_s"] = max(self.elapsed - self.monitor_elapsed, 0.0)
         self.last.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
         self.tracker.log(record, step=self.step)
         return record
@@ -769,6 +787,7 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", leave=True,
                        dynamic_ncols=True)
         t0 = time.perf_counter() - self.elapsed
+        self._clock_start = t0
         status, message = "completed", ""
         signum = None
         try:

@@ -415,10 +415,15 @@ def test_reads_the_trackers_own_format(tmp_path):
             tracker.log({"epoch": 0, "train/acc": a, "probe/acc": a, "val/acc": a,
                          "lsm/layers.0": 0.5 + a / 3, "lsm/layers.2": 0.6 + a / 3,
                          "lsm/mean": 0.55 + a / 3, "val_lsm/layers.0": math.nan,
-                         "guard/accept_rate": 0.75, "time/elapsed_s": 0.5 * i}, step=5 * i)
+                         "guard/accept_rate": 0.75, "time/elapsed_s": 0.5 * i,
+                         "time/train_s": 0.25 * i, "time/monitor_s": 0.25 * i}, step=5 * i)
     run = report.load_runs(tmp_path / "run")[0]
     assert run.layers == ["layers.0", "layers.2"]
     assert run.wall_time() == pytest.approx(3.5)
+    assert run.train_time() == pytest.approx(1.75)
+    table = report.summary_table(report.group_runs([run]), 0.9)
+    assert "train time (s)" in table.columns
+    assert table.rows[0][table.columns.index("train time (s)")].startswith("1.8")
     assert run.accept_rate() == 0.75
     assert run.synchronicity()["layers.2"].same_sign == 1.0
     assert run.steps_to(0.9) == 30

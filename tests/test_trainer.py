@@ -103,6 +103,14 @@ def test_metrics_keys(tmp_path):
     assert [r["step"] for r in records] == sorted(r["step"] for r in records)
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["step"] == 9 and ckpt["epoch"] == 3
+    # wall time splits into training and monitoring, both growing, summing to the elapsed time
+    last = records[-1]
+    assert last["time/monitor_s"] > 0 and last["time/train_s"] > 0
+    assert last["time/train_s"] + last["time/monitor_s"] == pytest.approx(
+        last["time/elapsed_s"], rel=1e-6
+    )
+    monitor_times = [r["time/monitor_s"] for r in records]
+    assert monitor_times == sorted(monitor_times)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
