@@ -225,3 +225,22 @@ def test_random_sets_with_ties_offsets_and_shared_points():
         assert res.lower <= res.value <= res.upper
         if res.value > 0:
             assert (A @ res.w).min() - (B @ res.w).max() >= res.lower * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("batch", [4, 16])
+def test_small_working_set_grows_by_column_generation(monkeypatch, batch):
+    """Sets larger than the working set (2,048 rows per side by default): the rows outside
+    it join only through the full checks; results must not change."""
+    import functools
+
+    import lsm_train.measures.margin as margin
+
+    monkeypatch.setattr(margin, "_wolfe", functools.partial(margin._wolfe, batch=batch))
+    A, B = separable_pair(13, 150, 12, 0.1)
+    ref = svc_margin(A, B)
+    res = margin.md_lsm_margin(torch.from_numpy(A), torch.from_numpy(B), return_bounds=True)
+    assert res.value == pytest.approx(ref, rel=1e-3)
+    assert res.lower <= ref * (1 + 1e-5) and ref <= res.upper * (1 + 1e-5)
+    assert (A @ res.w.numpy()).min() - (B @ res.w.numpy()).max() >= res.lower * (1 - 1e-9)
+    rng = np.random.default_rng(3)
+    assert margin.md_lsm_margin(rng.standard_normal((100, 8)), rng.standard_normal((90, 8))) == 0.0
