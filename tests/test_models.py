@@ -18,15 +18,6 @@ from lsm_train.models.registry import register_model
 SHAPES = [(c, s) for c in (1, 3) for s in (8, 28, 32)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared, busy 2-core machine run far faster on one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def capture(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, list]]:
     """Forward ``x`` with a plain forward hook on every hidden layer."""
     seen: dict[str, list] = {n: [] for n in model.hidden_layers}

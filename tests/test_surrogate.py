@@ -11,16 +11,6 @@ from hypothesis import strategies as st
 import lsm_train.surrogate as sur
 from lsm_train.surrogate import fisher_directions, soft_md_lsm, soft_pair_score
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny linear algebra: one thread avoids OpenMP wake-up costs on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------- references
 
 
