@@ -26,6 +26,7 @@ from .._validation import check_pair
 __all__ = ["SeparabilityCertificate", "separability_test"]
 
 _CONFIRM_SIZE = 200_000  # LP matrix entries up to which simplex confirms infeasibility
+_IPM_TIME_LIMIT = 15.0  # seconds of interior point before dual simplex takes over
 
 
 @dataclass(frozen=True)
@@ -120,15 +121,19 @@ def separability_test(A: Any, B: Any) -> SeparabilityCertificate:
     ])
     b_ub = -np.ones(a_ub.shape[0])
 
-    def solve(method: str):
+    def solve(method: str, time_limit: float | None = None):
+        options = {} if time_limit is None else {"time_limit": time_limit}
         return linprog(
-            np.zeros(d + 1), A_ub=a_ub, b_ub=b_ub, bounds=[(None, None)] * (d + 1), method=method
+            np.zeros(d + 1), A_ub=a_ub, b_ub=b_ub, bounds=[(None, None)] * (d + 1),
+            method=method, options=options,
         )
 
     # interior point decides large infeasible problems far faster than simplex (3 s against
     # 40 s at 4,000 points in d = 512); dual simplex double-checks an "infeasible" verdict
     # on problems up to _CONFIRM_SIZE entries, and steps in when interior point cannot decide
-    res = solve("highs-ipm")
+    # interior point is capped: on nearly degenerate problems (about as many rows as
+    # columns, hulls 1e-9 apart) it can run for minutes where dual simplex needs a second
+    res = solve("highs-ipm", _IPM_TIME_LIMIT)
     if res.status not in (0, 2) or (res.status == 2 and a_ub.size <= _CONFIRM_SIZE):
         second = solve("highs-ds")
         if second.status in (0, 2):
