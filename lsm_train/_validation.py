@@ -64,7 +64,9 @@ def check_points(x: Any, name: str, *, min_rows: int = 1) -> torch.Tensor:
             f"{tuple(t.shape)}; use x.reshape(-1, 1) for 1-D points"
         )
     if t.ndim != 2:
-        raise ValueError(f"{name}: expected a 2-D array of points (n, d), got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{name}: expected a 2-D array of points (n, d), got shape {tuple(t.shape)}"
+        )
     if t.shape[0] < min_rows:
         raise ValueError(
             f"{name}: expected at least {min_rows} point(s), got an empty set of shape "
@@ -73,7 +75,9 @@ def check_points(x: Any, name: str, *, min_rows: int = 1) -> torch.Tensor:
             else f"{name}: expected at least {min_rows} points, got {t.shape[0]}"
         )
     if t.shape[1] == 0:
-        raise ValueError(f"{name}: expected points with at least one coordinate, got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{name}: expected points with at least one coordinate, got shape {tuple(t.shape)}"
+        )
     t = _as_float(t)
     if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).any(dim=1).sum())
@@ -141,7 +145,8 @@ def check_positive(value: float, name: str, *, allow_zero: bool = False) -> floa
         raise ValueError(f"{name}: expected a number, got {value!r}") from err
     ok = np.isfinite(v) and (v >= 0 if allow_zero else v > 0)
     if not ok:
-        raise ValueError(f"{name}: expected a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
+        bound = ">=" if allow_zero else ">"
+        raise ValueError(f"{name}: expected a finite number {bound} 0, got {value!r}")
     return v
 
 

@@ -29,7 +29,9 @@ def reduce_features(H: torch.Tensor, reduce: str = "auto") -> torch.Tensor:
     if not isinstance(H, torch.Tensor):
         raise ValueError(f"H: expected a tensor here, got {type(H).__name__}")
     if H.ndim < 2:
-        raise ValueError(f"H: expected at least 2 dimensions (N, d, ...), got shape {tuple(H.shape)}")
+        raise ValueError(
+            f"H: expected at least 2 dimensions (N, d, ...), got shape {tuple(H.shape)}"
+        )
     if reduce == "auto":
         if H.ndim == 2:
             return H
