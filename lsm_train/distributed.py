@@ -146,8 +146,15 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool
 
 
 def destroy() -> None:
+    """Tear the default group down after a barrier: a rank that destroys its group while a
+    peer's last message is still in flight can abort at exit (gloo's worker threads)."""
     if is_initialized():
-        _dist().destroy_process_group()
+        dist = _dist()
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer is gone already: nothing left to wait for
+            pass
+        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------ data

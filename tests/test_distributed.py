@@ -173,7 +173,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         _helpers(rank, out_dir)
         _trainers(rank, out_dir)
     finally:
-        dist.destroy_process_group()
+        D.destroy()
 
 
 def _load(tmp: Path, prefix: str) -> list[dict]:

@@ -71,7 +71,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
-        dist.destroy_process_group()
+        from lsm_train.distributed import destroy
+
+        destroy()  # barrier first: no rank tears down while a peer's message is in flight
 
 
 def test_ddp_ranks_take_identical_decisions(tmp_path):
