@@ -253,9 +253,11 @@ def test_heuristic_symmetry_exact_and_invariances_close(seed):
     """d = 4 (candidates + ascent). Symmetry and scaling by a power of two are exact by
     construction; translation and other scalings change rounding only, which can move the
     ascent slightly. A linear map changes the problem the heuristic sees (its shrinkage
-    and its ascent are not affine invariant, while the true degree is), so on small sets the
-    certified lower bound can differ by more: seen up to 0.143 (seed found in CI), hence 0.2.
-    The exact 2-D path is tested for exact linear-map invariance above."""
+    and its ascent are not affine invariant, while the true degree is). The search also runs
+    in within-class-whitened coordinates, where (A M, B M) look like (A, B) up to a rotation:
+    over 600 draws of this test the change was at most 0.031 (0.052, and once 0.143 in CI,
+    before that second search), hence 0.1. The exact 2-D path is tested for exact
+    linear-map invariance above."""
     rng = np.random.default_rng(seed)
     na, nb = rng.integers(5, 40, 2)
     A = rng.normal(size=(na, 4))
@@ -268,7 +270,7 @@ def test_heuristic_symmetry_exact_and_invariances_close(seed):
     assert abs(lt.md_lsm(A + t, B + t, certify=False) - m) <= 0.02
     assert abs(lt.md_lsm(3.7 * A, 3.7 * B, certify=False) - m) <= 0.02
     M = rng.normal(size=(4, 4)) + 2 * np.eye(4)
-    assert abs(lt.md_lsm(A @ M, B @ M, certify=False) - m) <= 0.2
+    assert abs(lt.md_lsm(A @ M, B @ M, certify=False) - m) <= 0.1
 
 
 # ------------------------------------------------------------------------- bad input
