@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _references import brute_degree_2d
 
 import lsm_train as lt
 from lsm_train.features import reduce_features
@@ -20,22 +21,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
-
-
-def brute_degree_2d(A, B):
-    """Exact 2-D degree: midpoints of the gaps between critical angles, counted by brute
-    force (same reference as tests/test_degree.py)."""
-    Z = (np.asarray(A, float)[:, None, :] - np.asarray(B, float)[None, :, :]).reshape(-1, 2)
-    nz = Z[np.abs(Z).sum(1) > 0]
-    if len(nz) == 0:
-        return 0.5
-    th = np.arctan2(nz[:, 1], nz[:, 0])
-    crit = np.sort(np.mod(np.r_[th + np.pi / 2, th - np.pi / 2], 2 * np.pi))
-    nxt = np.r_[crit[1:], crit[0] + 2 * np.pi]
-    gap = nxt - crit > 1e-9
-    mids = (crit[gap] + nxt[gap]) / 2
-    P = Z @ np.stack([np.cos(mids), np.sin(mids)])
-    return float((((P > 0).sum(0) + 0.5 * (P == 0).sum(0)) / len(Z)).max())
 
 
 def blobs(n_per, k, d, spread, seed=0):
