@@ -99,24 +99,29 @@ def check_pair(A: Any, B: Any, *, min_rows: int = 1) -> tuple[torch.Tensor, torc
     return a.to(dtype), b.to(dtype)
 
 
-def check_labels(y: Any, n: int, *, device: torch.device | None = None) -> torch.Tensor:
-    """Integer class labels: 1-D, length ``n``, non-negative. Returns an int64 tensor."""
-    t = to_tensor(y, "y")
+def check_labels(
+    y: Any, n: int, *, device: torch.device | None = None, name: str = "y",
+    per: str = "row of H",
+) -> torch.Tensor:
+    """Integer class labels: 1-D, length ``n``, non-negative. Returns an int64 tensor.
+
+    ``name`` and ``per`` (what one label belongs to) word the error messages."""
+    t = to_tensor(y, name)
     if t.ndim == 2 and t.shape[1] == 1:
         t = t[:, 0]
     if t.ndim != 1:
         raise ValueError(
-            f"y: expected a 1-D array of integer class labels of length {n}, got shape "
-            f"{tuple(t.shape)} (one-hot labels? pass y.argmax(1))"
+            f"{name}: expected a 1-D array of integer class labels of length {n}, got shape "
+            f"{tuple(t.shape)} (one-hot labels? pass {name}.argmax(1))"
         )
     if t.shape[0] != n:
-        raise ValueError(f"y: expected {n} labels (one per row of H), got {t.shape[0]}")
+        raise ValueError(f"{name}: expected {n} labels (one per {per}), got {t.shape[0]}")
     if t.is_floating_point():
         if not bool(torch.isfinite(t).all()) or not bool((t == t.round()).all()):
-            raise ValueError("y: expected integer class labels, got non-integer values")
+            raise ValueError(f"{name}: expected integer class labels, got non-integer values")
     t = t.to(torch.int64)
     if n and int(t.min()) < 0:
-        raise ValueError(f"y: expected class labels >= 0, got minimum {int(t.min())}")
+        raise ValueError(f"{name}: expected class labels >= 0, got minimum {int(t.min())}")
     if device is not None:
         t = t.to(device)
     return t

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lsm_train._validation import check_positive, to_tensor
+from lsm_train._validation import check_labels, check_positive
 from lsm_train.capture import HiddenCapture
 from lsm_train.features import REDUCTIONS
 
@@ -112,22 +112,19 @@ def _layer_weights(layer_weights: Any, names: list[str]) -> list[float]:
 
 
 def _labels(labels: Any, feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    y = to_tensor(labels, "labels")
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1:
-        raise ValueError(
-            f"labels: expected a 1-D tensor of integer class labels, got shape {tuple(y.shape)} "
-            "(one-hot labels? pass labels.argmax(1))"
-        )
     for name, f in feats.items():
         if f.ndim < 2:
             raise ValueError(
                 f"features[{name!r}]: expected a batch (N, d, ...), got shape {tuple(f.shape)}"
             )
-        if f.shape[0] != y.shape[0]:
+    sizes = {name: f.shape[0] for name, f in feats.items()}
+    first = next(iter(sizes))
+    y = check_labels(labels, sizes[first], name="labels",
+                     per=f"sample of the batch seen by layer {first!r}")
+    for name, n in sizes.items():
+        if n != y.shape[0]:
             raise ValueError(
-                f"labels: expected {f.shape[0]} labels, one per sample of the batch seen by "
+                f"labels: expected {n} labels, one per sample of the batch seen by "
                 f"layer {name!r}, got {y.shape[0]}"
             )
     return y

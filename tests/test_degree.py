@@ -16,16 +16,6 @@ from sklearn.metrics import roc_auc_score
 import lsm_train as lt
 from lsm_train.measures.degree import auc_of_direction
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add wake-up latency (severe on a loaded machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # --------------------------------------------------------------------------- references
 
 

@@ -14,15 +14,6 @@ import lsm_train as lt
 from lsm_train.features import reduce_features
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads only add wake-up latency (severe on a loaded machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def blobs(n_per, k, d, spread, seed=0):
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(k, d)) * spread
