@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from lsm_train._validation import check_positive, to_tensor
 from lsm_train.models.mlp import widths_from
-from lsm_train.models.registry import choice, positive_int, register_model
+from lsm_train.models.registry import choice, flatten_inputs, positive_int, register_model
 
 __all__ = ["RBM", "DBN", "dbn"]
 
@@ -86,7 +86,6 @@ class DBN(nn.Module):
     def __init__(self, in_features: int, num_classes: int, sizes: list[int], visible: str):
         super().__init__()
         self.in_features = in_features
-        self.flatten = nn.Flatten()
         dims = [in_features, *sizes]
         self.rbms = nn.ModuleList(
             RBM(dims[i], dims[i + 1], visible if i == 0 else "bernoulli")
@@ -96,13 +95,7 @@ class DBN(nn.Module):
         self.hidden_layers = [f"rbms.{i}.act" for i in range(len(sizes))]
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.flatten(x)
-        if x.shape[1] != self.in_features:
-            raise ValueError(
-                f"DBN expects inputs with {self.in_features} values per sample "
-                f"(in_channels*h*w), got {x.shape[1]}"
-            )
-        return x
+        return flatten_inputs(x, self.in_features, "DBN")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._flat(x)

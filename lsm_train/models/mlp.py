@@ -16,7 +16,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lsm_train.models.registry import choice, int_list, positive_int, register_model
+from lsm_train.models.registry import (
+    choice,
+    flatten_inputs,
+    int_list,
+    positive_int,
+    register_model,
+)
 
 __all__ = ["ACTIVATIONS", "make_activation", "MLP", "mlp"]
 
@@ -41,7 +47,6 @@ class MLP(nn.Module):
         super().__init__()
         make_activation(activation)  # validate before building
         self.in_features = in_features
-        self.flatten = nn.Flatten()
         blocks, d = [], in_features
         for w in widths:
             blocks.append(
@@ -53,13 +58,7 @@ class MLP(nn.Module):
         self.hidden_layers = [f"blocks.{i}.act" for i in range(len(widths))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.flatten(x)
-        if x.shape[1] != self.in_features:
-            raise ValueError(
-                f"MLP expects inputs with {self.in_features} values per sample "
-                f"(in_channels*h*w), got {x.shape[1]}"
-            )
-        return self.head(self.blocks(x))
+        return self.head(self.blocks(flatten_inputs(x, self.in_features, "MLP")))
 
 
 def widths_from(width: Any, depth: int | None, name: str = "width") -> list[int]:

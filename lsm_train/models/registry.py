@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 import torch.nn as nn
 
 __all__ = [
@@ -126,6 +127,18 @@ def image_hw(image_size: Any) -> tuple[int, int]:
         if len(vals) == 2:
             return (positive_int(vals[0], "image_size[0]"), positive_int(vals[1], "image_size[1]"))
     raise ValueError(f"image_size: expected an int or an (h, w) pair of ints, got {image_size!r}")
+
+
+def flatten_inputs(x: torch.Tensor, in_features: int, model: str) -> torch.Tensor:
+    """(N, ...) -> (N, in_features), with a clear error when the sample size is wrong
+    (the flattening models: MLP, DBN)."""
+    x = x.flatten(1)
+    if x.shape[1] != in_features:
+        raise ValueError(
+            f"{model} expects inputs with {in_features} values per sample "
+            f"(in_channels*h*w), got {x.shape[1]}"
+        )
+    return x
 
 
 def check_hidden_layers(model: nn.Module, what: str) -> list[str]:
