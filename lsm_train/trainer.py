@@ -514,6 +514,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self.elapsed = 0.0
         self.monitor_elapsed = 0.0  # seconds spent in monitor() (evaluation + MD-LSM)
+        self._clock_start: float | None = None  # perf_counter origin of `elapsed` in fit()
         self.acc_sums = {"loss": 0.0, "correct": 0, "count": 0, "batches": 0}
         self.last: dict[str, float] = {}
         self.history_lsm_mean: float | None = None
@@ -731,7 +732,7 @@ class Trainer:
         record.update(self._train_metrics())
         if extra:
             record.update(extra)
-        if getattr(self, "_clock_start", None) is not None:  # include a monitor just run
+        if self._clock_start is not None:  # include a monitor just run
             self.elapsed = time.perf_counter() - self._clock_start
         record["time/elapsed_s"] = self.elapsed
         # training alone (elapsed minus the monitor): comparable across lsm modes, since
