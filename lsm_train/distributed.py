@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lsm_train.capture import unwrap_model as unwrap  # the module inside DDP / compile
+
 __all__ = [
     "ParameterMismatchError",
     "env_world_size",
@@ -262,17 +264,6 @@ def broadcast_str(text: str, src: int = 0) -> str:
 
 
 # ------------------------------------------------------------------------ parameters
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP / DataParallel / torch.compile wrapper."""
-    while True:
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
 
 
 def parameter_checksums(model: nn.Module) -> tuple[list[str], torch.Tensor]:

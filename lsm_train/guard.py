@@ -74,6 +74,7 @@ import torch
 from torch import nn
 
 from lsm_train._validation import check_fraction, check_labels, check_positive
+from lsm_train.capture import unwrap_model
 
 __all__ = ["SeparabilityGuard", "GuardDecision"]
 
@@ -97,16 +98,6 @@ def _hidden_capture() -> Any:
     from lsm_train.capture import HiddenCapture
 
     return HiddenCapture
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _soft_score(H: torch.Tensor, y: torch.Tensor, tau: float) -> Any:
@@ -223,7 +214,7 @@ class SeparabilityGuard(torch.optim.Optimizer):
 
         self.model = model
         self.layers = layers
-        self.layer_names: list[str] = _resolve_names(_unwrap(model), layers)
+        self.layer_names: list[str] = _resolve_names(unwrap_model(model), layers)
         self._probe_source = probe
         self._probe: tuple[Any, torch.Tensor] | None = None
         self._probe_version = 0
@@ -309,7 +300,7 @@ class SeparabilityGuard(torch.optim.Optimizer):
     def score(self) -> float:
         """Mean layer score of the current weights on the probe (all-reduced under DDP)."""
         x, y = self._probe_data()
-        module = _unwrap(self.model)
+        module = unwrap_model(self.model)
         flags = [(m, m.training) for m in module.modules()]
         fn = self._measure_fn()
         values = []
@@ -366,13 +357,13 @@ class SeparabilityGuard(torch.optim.Optimizer):
         if self._probe is not None:
             key.append(tuple(t._version for t in self._probe if isinstance(t, torch.Tensor)))
         if self.track_buffers:
-            key.append(tuple(b._version for b in _unwrap(self.model).buffers()))
+            key.append(tuple(b._version for b in unwrap_model(self.model).buffers()))
         return tuple(key)
 
     def _digest_now(self) -> str:
         tensors: list[Any] = list(self._params())
         if self.track_buffers:
-            tensors += list(_unwrap(self.model).buffers())
+            tensors += list(unwrap_model(self.model).buffers())
         tensors += list(self._probe_data())
         return _digest(tensors)
 
