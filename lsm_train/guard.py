@@ -74,7 +74,7 @@ import torch
 from torch import nn
 
 from lsm_train._validation import check_fraction, check_labels, check_positive
-from lsm_train.capture import unwrap_model
+from lsm_train.capture import HiddenCapture, resolve_layers, unwrap_model
 
 __all__ = ["SeparabilityGuard", "GuardDecision"]
 
@@ -92,12 +92,6 @@ class GuardDecision(NamedTuple):
     retries: int
     forced: bool
     checked: bool
-
-
-def _hidden_capture() -> Any:
-    from lsm_train.capture import HiddenCapture
-
-    return HiddenCapture
 
 
 def _soft_score(H: torch.Tensor, y: torch.Tensor, tau: float) -> Any:
@@ -307,7 +301,7 @@ class SeparabilityGuard(torch.optim.Optimizer):
         try:
             module.eval()
             with torch.no_grad():
-                with _hidden_capture()(module, self.layer_names) as feats:
+                with HiddenCapture(module, self.layer_names) as feats:
                     module(x)
                 for name in self.layer_names:
                     H = feats[name]
@@ -566,9 +560,7 @@ def _check_int(value: Any, name: str, *, minimum: int) -> int:
 
 
 def _resolve_names(module: nn.Module, layers: Any) -> list[str]:
-    capture = _hidden_capture()(module, layers)
-    names = list(capture.names)
-    capture.remove()
+    names = resolve_layers(module, layers)
     if not names:
         raise ValueError("layers: no hidden layer selected (pass layers=... explicitly)")
     return names
