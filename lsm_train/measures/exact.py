@@ -111,8 +111,9 @@ def separability_test(A: Any, B: Any) -> SeparabilityCertificate:
     d = a.shape[1]
     # the LP is solved on centred, unit-scaled points (same separability; much better
     # conditioned when the sets sit far from the origin); the certificate maps back below
-    shift = np.vstack([a, b]).mean(axis=0)
-    scale = max(float(np.abs(np.vstack([a, b]) - shift).max()), np.finfo(float).tiny)
+    both = np.vstack([a, b])
+    shift = both.mean(axis=0)
+    scale = max(float(np.abs(both - shift).max()), np.finfo(float).tiny)
     a_lp, b_lp = (a - shift) / scale, (b - shift) / scale
     # variables x = (w, c); constraints  -a·w + c <= -1,  b·w - c <= -1
     a_ub = np.vstack([
