@@ -1,10 +1,14 @@
 """Per-step cost of LSMLoss and SeparabilityGuard next to a plain training step.
 
     .venv/bin/python bench/step_overhead.py [--reps 5] [--steps 20] [--threads N] [--quick]
+    .venv/bin/python bench/step_overhead.py --device cuda
 
-Two models: a small conv net (3 conv blocks with BatchNorm, 3x32x32 inputs) and an MLP
-(784 -> 512 -> 256 -> 10), batches of 128, SGD with momentum (``--optim adamw`` for a larger
-state). Variants, run interleaved (each repetition runs every variant for ``--steps`` steps,
+Three models: a small conv net (3 conv blocks with BatchNorm, 3x32x32 inputs) and two MLPs
+with hidden layers 512 -> 256: one on the same 3x32x32 batches flattened (3072 inputs) and
+one on 784 inputs (MNIST-sized), batches of 128, SGD with momentum (``--optim adamw`` for a
+larger state). On CUDA every timed block ends with ``torch.cuda.synchronize()``.
+
+Variants, run interleaved (each repetition runs every variant for ``--steps`` steps,
 in a rotated order, so drifts of a shared machine hit all of them alike):
 
   plain                 forward + cross-entropy + backward + step
@@ -80,20 +84,23 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
 class Runner:
     """One model + optimizer (+ loss / guard) that runs timed training steps."""
 
-    def __init__(self, variant: str, model_fn, shape, optim: str, batch: int) -> None:
+    def __init__(self, variant: str, model_fn, shape, optim: str, batch: int,
+                 device: str = "cpu") -> None:
         torch.manual_seed(0)
-        self.model = model_fn()
+        self.device = torch.device(device)
+        self.model = model_fn().to(self.device)
         self.opt = make_optimizer(optim, self.model)
         g = torch.Generator().manual_seed(1)
-        self.x = torch.randn(batch, *shape, generator=g)
-        self.y = torch.arange(batch) % 10
+        self.x = torch.randn(batch, *shape, generator=g).to(self.device)
+        self.y = (torch.arange(batch) % 10).to(self.device)
         self.reg = None
         if variant == "+LSMLoss":
             from lsm_train.loss import LSMLoss
 
             self.reg = LSMLoss(self.model, weight=0.1)
         if variant.startswith("+Guard"):
-            probe = (torch.randn(batch, *shape, generator=g), torch.arange(batch) % 10)
+            probe = (torch.randn(batch, *shape, generator=g).to(self.device),
+                     (torch.arange(batch) % 10).to(self.device))
             every = 10 if "every=10" in variant else 1
             self.opt = SeparabilityGuard(
                 self.opt, self.model, probe, check_every=every, tolerance=1.0,
@@ -109,10 +116,18 @@ class Runner:
         self.opt.step()
 
     def timed(self, steps: int) -> float:
+        sync()
         t0 = time.perf_counter()
         for _ in range(steps):
             self.step()
+        sync()
         return (time.perf_counter() - t0) / steps * 1e3
+
+
+def sync() -> None:
+    """Wait for queued CUDA work, so wall-clock times cover it (no-op on the CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def nbytes(tensors) -> int:
@@ -128,8 +143,10 @@ def check_breakdown(runner: Runner, reps: int = 5) -> dict[str, float]:
     def best(fn) -> float:
         times = []
         for _ in range(reps):
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times.append((time.perf_counter() - t0) * 1e3)
         return min(times)
 
@@ -154,6 +171,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--optim", choices=["sgd", "adamw"], default="sgd")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--models", default="convnet,mlp3072,mlp784",
+                    help="comma-separated subset of convnet, mlp3072, mlp784")
     ap.add_argument("--quick", action="store_true", help="reps=2, steps=10 (smoke run)")
     args = ap.parse_args()
     if args.quick:
@@ -165,6 +185,8 @@ def main() -> None:
           f"{os.cpu_count()} logical CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} "
           f"(python {platform.python_version()}, {platform.system()})")
+    if args.device.startswith("cuda"):
+        print(f"device: {torch.cuda.get_device_name(args.device)}")
     print(f"batch {args.batch}, optimizer {args.optim}, {args.reps} interleaved reps x "
           f"{args.steps} steps per variant\n")
 
@@ -172,12 +194,20 @@ def main() -> None:
                 "+Guard(every=10)"]
     targets = {"+LSMLoss": 1.15, "+Guard(every=1)": 1.5, "+Guard(every=1,exact)": 1.5,
                "+Guard(every=10)": 1.1}
-    models = {"convnet 3x32x32": (ConvNet, (3, 32, 32)), "mlp 784": (MLP, (784,))}
-    for title, (model_fn, shape) in models.items():
+    all_models = {
+        "convnet": ("convnet 3x32x32", ConvNet, (3, 32, 32)),
+        "mlp3072": ("mlp 3x32x32 (3072-512-256-10)", lambda: MLP(3072), (3072,)),
+        "mlp784": ("mlp 784 (784-512-256-10)", MLP, (784,)),
+    }
+    unknown = set(args.models.split(",")) - set(all_models)
+    if unknown:
+        ap.error(f"--models: unknown {sorted(unknown)}; expected a subset of {list(all_models)}")
+    for key in args.models.split(","):
+        title, model_fn, shape = all_models[key]
         runners = {}
         for v in variants:
             try:
-                runners[v] = Runner(v, model_fn, shape, args.optim, args.batch)
+                runners[v] = Runner(v, model_fn, shape, args.optim, args.batch, args.device)
             except ImportError as err:
                 print(f"  {v}: skipped ({err})")
         for r in runners.values():  # warm-up (allocations, snapshot buffers, caches)

@@ -365,6 +365,40 @@ def test_real_torchvision_resnet18():
     assert y.shape == (2, 10) and all(len(v) == 1 for v in seen.values())
 
 
+@pytest.mark.parametrize("name", ["vgg11", "alexnet", "googlenet", "mobilenet_v3_small"])
+def test_real_torchvision_families_train_with_the_loss(name):
+    """Default hidden layers of several real torchvision families: capture, LSMLoss, a step."""
+    pytest.importorskip("torchvision")
+    from lsm_train.loss import LSMLoss
+
+    torch.manual_seed(0)
+    model = create_model(f"torchvision:{name}", num_classes=3, in_channels=3, image_size=64)
+    assert model.hidden_layers
+    x, y = torch.rand(6, 3, 64, 64), torch.arange(6) % 3
+    reg = LSMLoss(model)
+    loss = F.cross_entropy(model(x), y) + reg(y)
+    loss.backward()
+    assert torch.isfinite(loss) and set(reg.last) == set(model.hidden_layers)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224", "convnext_atto"])
+def test_real_timm_models(name):
+    """timm's feature_info gives the default hidden layers; img_size / in_chans are honoured."""
+    pytest.importorskip("timm")
+    from lsm_train.loss import LSMLoss
+
+    torch.manual_seed(0)
+    model = create_model(f"timm:{name}", num_classes=4, in_channels=1, image_size=32)
+    assert model.hidden_layers
+    x, y = torch.rand(8, 1, 32, 32), torch.arange(8) % 4
+    y_hat, seen = capture(model, x)
+    assert y_hat.shape == (8, 4) and set(seen) == set(model.hidden_layers)
+    reg = LSMLoss(model)
+    (F.cross_entropy(model(x), y) + reg(y)).backward()
+    assert all(0.0 < v < 1.0 for v in reg.last.values())
+
+
 def test_numpy_integers_are_accepted():
     np = pytest.importorskip("numpy")
     model = create_model("cnn", num_classes=np.int64(3), image_size=(np.int32(8), 8),
