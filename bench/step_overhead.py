@@ -16,7 +16,9 @@ in a rotated order, so drifts of a shared machine hit all of them alike):
   +Guard(every=1)       SeparabilityGuard, a probe as large as the batch, check every step
   +Guard(every=1,exact) the same with track_buffers=True (the cached score is keyed on the
                         BatchNorm statistics too: two probe forwards per check on the conv net)
-  +Guard(every=10)      check every 10th step
+  +Guard(every=10)      check every 10th step (scope="step": two probe forwards per check)
+  +Guard(every=10,window) scope="window": each check judges the last 10 steps together
+                        (one probe forward and one snapshot per 10 steps)
 
 Reported: ms per step of the fastest repetition (on a shared machine the minimum is the
 least disturbed estimate) and the median, the ratio of the minima to plain, the targets
@@ -105,6 +107,7 @@ class Runner:
             self.opt = SeparabilityGuard(
                 self.opt, self.model, probe, check_every=every, tolerance=1.0,
                 track_buffers="exact" in variant,
+                scope="window" if "window" in variant else "step",
             )
 
     def step(self) -> None:
@@ -191,9 +194,9 @@ def main() -> None:
           f"{args.steps} steps per variant\n")
 
     variants = ["plain", "+LSMLoss", "+Guard(every=1)", "+Guard(every=1,exact)",
-                "+Guard(every=10)"]
+                "+Guard(every=10)", "+Guard(every=10,window)"]
     targets = {"+LSMLoss": 1.15, "+Guard(every=1)": 1.5, "+Guard(every=1,exact)": 1.5,
-               "+Guard(every=10)": 1.1}
+               "+Guard(every=10)": 1.1, "+Guard(every=10,window)": 1.1}
     all_models = {
         "convnet": ("convnet 3x32x32", ConvNet, (3, 32, 32)),
         "mlp3072": ("mlp 3x32x32 (3072-512-256-10)", lambda: MLP(3072), (3072,)),
@@ -220,14 +223,14 @@ def main() -> None:
                 times[v].append(runners[v].timed(args.steps))
         plain, plain_med = min(times["plain"]), statistics.median(times["plain"])
         print(f"== {title}")
-        print(f"  {'variant':24s} {'min ms':>9s} {'ratio':>7s} {'median ms':>10s} {'ratio':>7s}"
+        print(f"  {'variant':26s} {'min ms':>9s} {'ratio':>7s} {'median ms':>10s} {'ratio':>7s}"
               f" {'target':>7s}")
         for v in names:
             ms, med = min(times[v]), statistics.median(times[v])
             t = targets.get(v)
             verdict = "" if t is None else ("ok" if ms / plain <= t else "MISSED")
             tgt = "" if t is None else f"<={t:.2f}"
-            print(f"  {v:24s} {ms:9.2f} {ms / plain:6.2f}x {med:10.2f} {med / plain_med:6.2f}x"
+            print(f"  {v:26s} {ms:9.2f} {ms / plain:6.2f}x {med:10.2f} {med / plain_med:6.2f}x"
                   f" {tgt:>7s} {verdict}")
 
         guard_runner = runners["+Guard(every=1)"]

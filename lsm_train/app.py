@@ -205,6 +205,12 @@ def validate_config(cfg: DictConfig) -> None:
     hold = _num(cfg, "lsm.monitor.holdout")
     need(hold is None or (is_num(hold) and 0 < hold < 1),
          f"lsm.monitor.holdout: expected null or a fraction in (0, 1), got {hold!r}")
+    scope = _num(cfg, "lsm.guard.scope")
+    need(scope in ("step", "window"),
+         f"lsm.guard.scope: expected step or window, got {scope!r}")
+    need(scope != "window" or _num(cfg, "lsm.guard.max_retries") == 0,
+         "lsm.guard.max_retries: expected 0 with lsm.guard.scope=window (a rolled-back "
+         "window cannot be retried)")
     method = _num(cfg, "lsm.monitor.method")
     need(method in ("degree", "margin", "soft"),
          f"lsm.monitor.method: expected degree, margin or soft, got {method!r}")

@@ -21,6 +21,18 @@ included) the guard
    After ``max_consecutive_rejects`` rejected steps in a row, a failing step is kept anyway
    (``forced``; the last attempt is kept) so training never stalls.
 
+Scope. With ``scope="step"`` (default) a check judges one step: with ``check_every=k`` the
+k − 1 steps between checks are never judged, and each check needs two probe forwards (the
+weights moved since the last check, so S_before is scored afresh). With ``scope="window"``
+a check judges the last ``check_every`` steps together, as Lookahead treats its k fast
+steps: the snapshot is taken before the first step of the window, S_before is the score at
+that point (the previous check's S_after in the steady state: one probe forward per
+window), and after the window's last step the whole window is kept or rolled back
+(parameters and inner state; ``param_groups`` are left as they are, so a scheduler that
+moved the lr inside the window keeps its course). A rolled-back window cannot be retried
+(its gradients are gone): ``max_retries`` must be 0. A checkpoint taken inside a window
+holds the window's snapshot too, so a resumed run still equals an uninterrupted one.
+
 The score of a layer is ``measure`` on the probe features of that layer (``"soft"``: the
 soft MD-LSM S_τ of :func:`lsm_train.surrogate.soft_md_lsm`; ``"degree"``: the MD-LSM degree
 of :func:`lsm_train.measures.layer.layer_separability`; or a callable ``(H, y) -> float``);
@@ -79,6 +91,7 @@ from lsm_train.capture import HiddenCapture, resolve_layers, unwrap_model
 __all__ = ["SeparabilityGuard", "GuardDecision"]
 
 _MEASURES = ("soft", "degree")
+_SCOPES = ("step", "window")
 _STAT_KEYS = ("steps", "checks", "accepted", "rejected", "retries", "forced")
 
 
@@ -147,6 +160,8 @@ class SeparabilityGuard(torch.optim.Optimizer):
         tau: temperature of the soft measure.
         tolerance: largest allowed fall of the score (>= 0).
         check_every: check one step in this many (1 = every step).
+        scope: ``"step"``: a check judges its own step; ``"window"``: it judges the last
+            ``check_every`` steps together and rolls them all back on a rejection.
         max_retries: retries with a smaller lr after a rejection.
         backoff: lr factor per retry, in (0, 1).
         max_consecutive_rejects: after this many rejected steps in a row the next failing
@@ -168,6 +183,7 @@ class SeparabilityGuard(torch.optim.Optimizer):
         tau: float = 0.5,
         tolerance: float = 0.0,
         check_every: int = 1,
+        scope: str = "step",
         max_retries: int = 0,
         backoff: float = 0.5,
         max_consecutive_rejects: int | None = 10,
@@ -189,6 +205,14 @@ class SeparabilityGuard(torch.optim.Optimizer):
         self.tolerance = check_positive(tolerance, "tolerance", allow_zero=True)
         self.check_every = _check_int(check_every, "check_every", minimum=1)
         self.max_retries = _check_int(max_retries, "max_retries", minimum=0)
+        if scope not in _SCOPES:
+            raise ValueError(f"scope: expected one of {_SCOPES}, got {scope!r}")
+        if scope == "window" and self.max_retries:
+            raise ValueError(
+                "max_retries: expected 0 with scope='window' (a rolled-back window cannot be "
+                f"retried: its gradients are gone), got {max_retries!r}"
+            )
+        self.scope = scope
         self.backoff = check_fraction(backoff, "backoff")
         self.max_consecutive_rejects = (
             None
@@ -223,6 +247,7 @@ class SeparabilityGuard(torch.optim.Optimizer):
         self._pending_cache: tuple[float, str] | None = None  # (score, digest) after a load
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._saved: Any = None
+        self._window_before: float | None = None  # S_before of the open window
 
     # ---------------------------------------------------------------- sharing ---------
     def _relink(self) -> None:
@@ -282,6 +307,8 @@ class SeparabilityGuard(torch.optim.Optimizer):
         self._probe_version += 1
         self._cache = None
         self._pending_cache = None
+        if self._window_before is not None:  # no comparable score: the window is kept
+            self._window_before = math.nan
 
     # ---------------------------------------------------------------- scoring ---------
     def _measure_fn(self) -> Callable[..., Any]:
@@ -409,7 +436,7 @@ class SeparabilityGuard(torch.optim.Optimizer):
         n = len(params)
         self._saved = (list(zip(src[:n], dst[:n], strict=True)), saved_state, groups)
 
-    def _restore(self) -> None:
+    def _restore(self, groups_too: bool = True) -> None:
         param_pairs, saved_state, groups = self._saved
         dst, src = [p for p, _ in param_pairs], [b for _, b in param_pairs]
         state = self.optimizer.state
@@ -427,6 +454,8 @@ class SeparabilityGuard(torch.optim.Optimizer):
                     dst.append(value)
                     src.append(buf)
         _copy_all(dst, src)
+        if not groups_too:
+            return
         for g, saved_group in zip(self.param_groups, groups, strict=True):
             for k in [k for k in g if k != "params" and k not in saved_group]:
                 del g[k]
@@ -448,6 +477,8 @@ class SeparabilityGuard(torch.optim.Optimizer):
         evaluated by the inner optimizer as usual and the loss is returned; retries reuse
         the gradients it produced (LBFGS gets the closure on every attempt)."""
         self._relink()
+        if self.scope == "window":
+            return self._window_step(closure)
         checked = self.stats["steps"] % self.check_every == 0
         self.stats["steps"] += 1
         if not checked:
@@ -474,25 +505,62 @@ class SeparabilityGuard(torch.optim.Optimizer):
             accepted = self._acceptable(before, after)
         self.stats["retries"] += retries
 
+        accepted, forced = self._decide(accepted)
+        if accepted:
+            for g, lr in zip(self.param_groups, lrs, strict=True):
+                g["lr"] = lr  # the very same object: schedulers see no change
+        else:
+            self._restore()
+        self._finish_check(accepted, before, after)
+        self.last_decision = GuardDecision(accepted, before, after, retries, forced, True)
+        return loss
+
+    def _window_step(self, closure: Any) -> Any:
+        """``scope="window"``: snapshot before the window's first step, judge after its last."""
+        position = self.stats["steps"] % self.check_every
+        self.stats["steps"] += 1
+        if position == 0:
+            self._window_before = self._score_before()
+            self._snapshot()
+        loss = self._inner_step(closure, first=True)
+        self._cache = None
+        self._pending_cache = None
+        if position < self.check_every - 1:
+            self.last_decision = GuardDecision(True, None, None, 0, False, False)
+            return loss
+
+        self.stats["checks"] += 1
+        before, after = self._window_before, self.score()
+        accepted, forced = self._decide(self._acceptable(before, after))
+        if not accepted:
+            self._restore(groups_too=False)
+        self._finish_check(accepted, before, after)
+        self.last_decision = GuardDecision(accepted, before, after, 0, forced, True)
+        return loss
+
+    def _decide(self, accepted: bool) -> tuple[bool, bool]:
+        """(accepted, forced): a failing check is kept anyway after
+        ``max_consecutive_rejects`` rejections in a row; updates the counters."""
         forced = False
         limit = self.max_consecutive_rejects
         if not accepted and limit is not None and self._consecutive_rejects >= limit:
             accepted = forced = True
         if accepted:
-            for g, lr in zip(self.param_groups, lrs, strict=True):
-                g["lr"] = lr  # the very same object: schedulers see no change
             self._consecutive_rejects = 0
             self.stats["accepted"] += 1
             self.stats["forced"] += int(forced)
-            self._cache = (after, self._cache_key()) if math.isfinite(after) else None
         else:
-            self._restore()
             self._consecutive_rejects += 1
             self.stats["rejected"] += 1
-            self._cache = (before, self._cache_key()) if math.isfinite(before) else None
+        return accepted, forced
+
+    def _finish_check(self, accepted: bool, before: float, after: float) -> None:
+        """Cache the score of the weights now in place (after a restore, if any) and drop
+        the snapshot."""
+        kept = after if accepted else before
+        self._cache = (kept, self._cache_key()) if math.isfinite(kept) else None
         self._saved = None
-        self.last_decision = GuardDecision(accepted, before, after, retries, forced, True)
-        return loss
+        self._window_before = None
 
     # ---------------------------------------------------------------- persistence -----
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
@@ -510,6 +578,7 @@ class SeparabilityGuard(torch.optim.Optimizer):
             "consecutive_rejects": self._consecutive_rejects,
             "last_decision": None if self.last_decision is None else tuple(self.last_decision),
             "cache": cache,
+            "window": self._window_payload(),
         }
         return sd
 
@@ -530,19 +599,74 @@ class SeparabilityGuard(torch.optim.Optimizer):
             cache = guard.get("cache")
             if cache is not None:
                 self._pending_cache = (float(cache["score"]), str(cache["digest"]))
+            self._load_window(guard.get("window"))
+
+    def _window_payload(self) -> dict[str, Any] | None:
+        """The open window (``scope="window"``, between its first and last step): S_before
+        and the snapshot, with parameters by position; None when no window is open."""
+        if self._window_before is None or self._saved is None:
+            return None
+        param_pairs, saved_state, _ = self._saved
+        index = {id(p): i for i, (p, _) in enumerate(param_pairs)}
+        state = {
+            index[id(owner)]: {k: (v if buf is None else buf) for k, (v, buf) in saved.items()}
+            for owner, saved in saved_state.items()
+        }
+        return {"before": self._window_before, "params": [b for _, b in param_pairs],
+                "state": state}
+
+    def _load_window(self, payload: dict[str, Any] | None) -> None:
+        """Reopen a window saved by :meth:`_window_payload` on the current parameters."""
+        self._window_before, self._saved = None, None
+        if payload is None:
+            return
+        params = self._params()
+        if len(payload["params"]) != len(params):
+            raise ValueError(
+                f"state_dict: the open guard window holds {len(payload['params'])} parameters, "
+                f"this optimizer has {len(params)}"
+            )
+        param_pairs = []
+        for p, saved in zip(params, payload["params"], strict=True):
+            buf = self._buffer_for(("param", id(p)), p)
+            buf.copy_(saved)
+            param_pairs.append((p, buf))
+        saved_state = {}
+        for i, entries in payload["state"].items():
+            owner, live = params[int(i)], self.optimizer.state.get(params[int(i)], {})
+            saved = {}
+            for k, v in entries.items():
+                if not isinstance(v, torch.Tensor):
+                    saved[k] = (copy.deepcopy(v), None)
+                    continue
+                target = live.get(k)
+                if not (isinstance(target, torch.Tensor) and target.shape == v.shape
+                        and target.dtype == v.dtype):
+                    target = v.detach().clone().to(owner.device if v.ndim else v.device)
+                buf = self._buffer_for(("state", id(owner), k), target)
+                buf.copy_(v)
+                saved[k] = (target, buf)
+            saved_state[owner] = saved
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        self._saved = (param_pairs, saved_state, groups)
+        self._window_before = float(payload["before"])
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("step", None)  # an LR scheduler's per-instance wrapper (holds a weakref)
+        state["_window"] = self._window_payload()  # buffers are keyed by id(param): rebuilt
         state["_buffers"] = {}
         state["_saved"] = None
+        state["_window_before"] = None
         state["_cache"] = None
         state["process_group"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        window = state.pop("_window", None)
         super().__setstate__(state)
         self._relink()
+        self._load_window(window)
 
     def __repr__(self) -> str:
         return (

@@ -268,10 +268,13 @@ def test_resume_true_finds_the_latest_run_of_the_recipe(tmp_path):
         ("optim.lr=0", r"optim\.lr: expected a number > 0"),
         ("trainer.epochs=0", r"trainer\.epochs: expected an integer >= 1"),
         ("lsm.mode=sometimes", r"lsm\.mode: expected one of"),
+        ("lsm.guard.scope=block", r"lsm\.guard\.scope: expected step or window, got 'block'"),
+        ("lsm.guard.scope=window lsm.guard.max_retries=2",
+         r"lsm\.guard\.max_retries: expected 0 with lsm\.guard\.scope=window"),
     ],
 )
 def test_invalid_values_fail_before_training(tmp_path, override, message):
-    cfg = compose([override, *FAST])
+    cfg = compose([*override.split(), *FAST])
     with pytest.raises(ValueError, match=message):
         train_from_config(cfg, tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()

@@ -5,10 +5,10 @@ Skipped where no GPU is present (CI); run on a GPU machine with
 the CPU standing in for the GPU (it then checks only that the tests themselves are sound).
 
 What is checked: the measures and the surrogate accept CUDA tensors and give the CPU's
-values, the gradient of the surrogate matches, LSMLoss works under autocast (float16 and bfloat16), the guard restores CUDA parameters and optimizer
-state bit for bit (also with its snapshot kept on the CPU), works with a real float16
-GradScaler (steps, and skips a step with infinite gradients without a check), and the Hydra
-app trains on ``trainer=gpu``.
+values, the gradient of the surrogate matches, LSMLoss works under autocast (float16 and
+bfloat16), the guard restores CUDA parameters and optimizer state bit for bit (also with its
+snapshot kept on the CPU), works with a real float16 GradScaler (steps, and skips a step
+with infinite gradients without a check), and the Hydra app trains on ``trainer=gpu``.
 """
 
 from __future__ import annotations

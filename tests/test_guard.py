@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 import warnings
 
@@ -625,3 +626,143 @@ def test_degree_measure():
     _train(model, guard, 2, seed=0)
     d = guard.last_decision
     assert 0.5 <= d.before <= 1.0 and 0.5 <= d.after <= 1.0
+
+
+# ------------------------------------------------------------------ scope="window" ------
+def test_window_scope_validation():
+    with pytest.raises(ValueError, match=r"scope: expected one of \('step', 'window'\)"):
+        build("adam", scope="block")
+    with pytest.raises(ValueError, match="max_retries: expected 0 with scope='window'"):
+        build("adam", scope="window", check_every=3, max_retries=1)
+
+
+def test_window_accepts_all_steps_with_one_probe_forward_per_window():
+    model, inner, guard = build("sgd_momentum", bn=False, tolerance=1.0, scope="window",
+                                check_every=3)
+    torch.manual_seed(0)
+    ref = Net(bn=False)
+    ref_opt = OPTIMIZERS["sgd_momentum"](ref.parameters())
+    model.drop.p = ref.drop.p = 0.0  # the same steps without sharing one RNG stream
+    forwards = count_probe_forwards(model)
+    for i in range(9):
+        x, y = make_data(32, seed=i)
+        for m, o in ((model, guard), (ref, ref_opt)):
+            o.zero_grad()
+            backward(m, x, y)
+            o.step()
+        assert guard.last_decision.checked == (i % 3 == 2)
+    assert forwards[0] == 1 + 3  # the first window's start, then one per window end
+    assert guard.stats == dict(steps=9, checks=3, accepted=3, rejected=0, retries=0, forced=0)
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_window_rejection_rolls_back_the_whole_window_bitwise():
+    # layers act, res: two measure calls per score
+    model, inner, guard = build("adam", measure=Scripted([0.9, 0.9, 0.1, 0.1, 0.95, 0.95]),
+                                scope="window", check_every=3)
+    sched = torch.optim.lr_scheduler.StepLR(guard, step_size=1, gamma=0.5)
+    start = snapshot(model, inner)  # Adam's state is created lazily inside the window
+    lrs = []
+    for i in range(3):
+        guard.zero_grad()
+        backward(model, *make_data(32, seed=i))
+        guard.step()
+        sched.step()
+        lrs.append(guard.param_groups[0]["lr"])
+    d = guard.last_decision
+    assert (d.accepted, d.before, d.after, d.checked) == (False, 0.9, 0.1, True)
+    assert_same(model, inner, start)  # parameters, and the lazily created state deleted
+    assert len(inner.state) == 0
+    assert lrs == [5e-3, 2.5e-3, 1.25e-3]  # the scheduler's course is not rolled back
+    assert guard.param_groups[0]["lr"] == 1.25e-3
+
+    for i in range(3):  # the next window starts from the cached 0.9: no new "before"
+        guard.zero_grad()
+        backward(model, *make_data(32, seed=10 + i))
+        guard.step()
+    assert guard.last_decision.accepted and guard.last_decision.before == 0.9
+    assert guard.stats["checks"] == 2 and guard.stats["rejected"] == 1
+
+
+def test_window_of_one_step_takes_the_step_scope_decisions():
+    runs = []
+    for scope in ("step", "window"):
+        model, inner, guard = build("adam", bn=False, scope=scope, max_consecutive_rejects=None)
+        torch.manual_seed(3)
+        _train(model, guard, 6, seed=40)
+        runs.append(([p.detach().clone() for p in model.parameters()], dict(guard.stats)))
+    (p1, s1), (p2, s2) = runs
+    assert s1 == s2 and s1["rejected"] > 0 and s1["accepted"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2, strict=True))
+
+
+def wobbly(H: torch.Tensor, y: torch.Tensor) -> float:
+    """A measure that is a deterministic function of the features and rises or falls from
+    one step to the next (so windows are both kept and rolled back)."""
+    return float((H.double().sum() * 1e3) % 1.0)
+
+
+@pytest.mark.parametrize("stop", [4, 5, 6])  # inside a window (4, 5) and at its boundary
+def test_window_resume_equals_uninterrupted_bitwise(tmp_path, stop):
+    kw = dict(scope="window", check_every=3, max_consecutive_rejects=None, measure=wobbly)
+    N = 10
+    model, inner, guard = build("adam", **kw)
+    torch.manual_seed(11)
+    _train(model, guard, N, seed=100)
+    ref_params = [p.detach().clone() for p in model.parameters()]
+    ref_stats = dict(guard.stats)
+    assert ref_stats["rejected"] > 0 and ref_stats["accepted"] > 0
+
+    model, inner, guard = build("adam", **kw)
+    torch.manual_seed(11)
+    _train(model, guard, stop, seed=100)
+    sd = guard.state_dict()
+    assert (sd["guard"]["window"] is None) == (stop % 3 == 0)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "opt": sd, "rng": torch.get_rng_state()}, path)
+
+    model, inner, guard = build("adam", seed=99, **kw)  # different init
+    ckpt = torch.load(path)
+    model.load_state_dict(ckpt["model"])
+    guard.load_state_dict(ckpt["opt"])
+    torch.set_rng_state(ckpt["rng"])
+    _train(model, guard, N - stop, seed=100 + stop)
+    for p, q in zip(model.parameters(), ref_params, strict=True):
+        assert torch.equal(p, q)
+    assert guard.stats == ref_stats
+
+
+def test_window_deepcopy_and_pickle_inside_a_window():
+    model, inner, guard = build("adam", scope="window", check_every=3,
+                                measure=Scripted([0.9, 0.9, 0.1, 0.1] * 2))
+    start = snapshot(model, inner)
+    _train(model, guard, 1, seed=0)
+    for twin in (copy.deepcopy(guard), pickle.loads(pickle.dumps(guard))):
+        _train(twin.model, twin, 2, seed=1)  # the window closes and is rolled back
+        assert not twin.last_decision.accepted
+        assert_same(twin.model, twin.optimizer, start)
+        assert twin.snapshot_bytes == guard.snapshot_bytes
+    assert guard.stats["steps"] == 1  # the original is untouched
+
+
+def test_window_refresh_probe_inside_a_window_keeps_it():
+    model, inner, guard = build("adam", scope="window", check_every=2,
+                                measure=Scripted([0.9, 0.9, 0.1, 0.1]))
+    _train(model, guard, 1, seed=0)
+    guard.refresh_probe(make_data(30, seed=5))
+    _train(model, guard, 1, seed=1)
+    d = guard.last_decision
+    assert d.checked and d.accepted and math.isnan(d.before)
+
+
+def test_window_load_checks_the_parameter_count():
+    model, inner, guard = build("adam", scope="window", check_every=3, tolerance=1.0)
+    _train(model, guard, 1, seed=0)
+    sd = guard.state_dict()
+    small = nn.Sequential(nn.Linear(5, 3))
+    other = SeparabilityGuard(torch.optim.Adam(small.parameters()), small, make_data(30),
+                              layers=["0"], scope="window", check_every=3)
+    sd["state"], sd["param_groups"] = {}, other.state_dict()["param_groups"]
+    with pytest.raises(ValueError, match="open guard window holds 8 parameters"):
+        other.load_state_dict(sd)

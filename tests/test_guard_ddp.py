@@ -41,7 +41,7 @@ def _data(n, seed):
     return torch.randn(n, 5, generator=g) + 0.7 * y[:, None].float(), y
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, init_file: str, out_dir: str, scope: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
@@ -52,9 +52,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         model = Net()
         ddp = nn.parallel.DistributedDataParallel(model)
         probe = _data(24, seed=1000 + rank)  # a different probe on each rank
-        guard = SeparabilityGuard(
-            torch.optim.Adam(ddp.parameters(), lr=0.05), ddp, probe, max_retries=1
-        )
+        kw = dict(max_retries=1) if scope == "step" else dict(scope="window", check_every=2)
+        guard = SeparabilityGuard(torch.optim.Adam(ddp.parameters(), lr=0.05), ddp, probe, **kw)
         torch.manual_seed(10 + rank)  # different dropout masks and batches per rank
         decisions, local_scores = [], []
         for step in range(STEPS):
@@ -76,10 +75,12 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         destroy()  # barrier first: no rank tears down while a peer's message is in flight
 
 
-def test_ddp_ranks_take_identical_decisions(tmp_path):
+@pytest.mark.parametrize("scope", ["step", "window"])
+def test_ddp_ranks_take_identical_decisions(tmp_path, scope):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), scope), nprocs=WORLD,
+             join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
     assert r0["decisions"] == r1["decisions"]
     assert r0["stats"] == r1["stats"]
