@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The checks we run on a GPU machine (the "On a GPU" figures in the README), in one go:
+#   1. the CUDA tests and the real torchvision/timm model tests,
+#   2. bench/step_overhead.py and bench/zoo.py on the GPU,
+#   3. the whole fast test suite with trainer.device=auto resolving to cuda.
+#
+#   OUT=gpu-out bash bench/gpu_check.sh        # logs land in $OUT
+#
+# Needs a python3 with a CUDA build of torch. Packages that python lacks can be put as wheels
+# in .whl/ (installed into /tmp/site, nothing else is touched). Each part has its own time
+# limit so one slow part cannot starve the others.
+set -u
+OUT=${OUT:-gpu-out}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline WANDB_SILENT=true
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+nvidia-smi -L
+$PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+lscpu | grep -m1 "Model name" || true
+
+echo "== 1. CUDA tests, real torchvision/timm models"
+timeout 240 $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_margin.py \
+  tests/test_models.py 2>&1 | tee "$OUT/tests_cuda.log" | tail -25
+
+echo "== 2. step overhead and zoo on the GPU"
+timeout 150 $PY bench/step_overhead.py --device cuda --reps 5 --steps 20 2>&1 \
+  | tee "$OUT/step_overhead_cuda.txt"
+timeout 120 $PY bench/zoo.py --device cuda --gpu-scale --repeats 5 --warmup 2 2>&1 \
+  | tee "$OUT/zoo_cuda.txt"
+
+echo "== 3. the fast suite, device=auto -> cuda"
+timeout 300 $PY -m pytest -q -p no:cacheprovider -rs --timeout 150 2>&1 \
+  | tee "$OUT/tests_all.log" | tail -40
