@@ -219,8 +219,9 @@ def _shrunk_solve(
 
 
 class _Consts:
-    """Per-dtype label tensors of a :class:`_Layout` (lazy): one-hot Y, counts, Y / n_k, the
-    pair counts and task weights 1 / (T · pairs_t) per scheme, the ovr coefficients."""
+    """Per-dtype label tensors of a :class:`_Layout` for the fused path (lazy, each built once):
+    one-hot Y and its contiguous transpose, Y / n_k, the centring matrices, the task weights.
+    Caching them keeps every label-only op out of the per-batch work."""
 
     def __init__(self, lay: _Layout, dtype: torch.dtype):
         self.lay, self.dtype = lay, dtype
@@ -230,6 +231,10 @@ class _Consts:
         return self.lay.onehot(self.dtype)
 
     @functools.cached_property
+    def YT(self) -> torch.Tensor:
+        return self.Y.mT.contiguous()
+
+    @functools.cached_property
     def cnt(self) -> torch.Tensor:
         return self.lay.count_t.to(self.dtype)
 
@@ -237,26 +242,24 @@ class _Consts:
     def Yn(self) -> torch.Tensor:
         return self.Y / self.cnt
 
-    def _tensor(self, values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=self.dtype, device=self.lay.inverse.device)
+    @functools.cached_property
+    def YnT(self) -> torch.Tensor:
+        """Ynᵀ (K × n): the class means are Ynᵀ H."""
+        return self.Yn.mT.contiguous()
 
     @functools.cached_property
-    def _pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        c, n = self.lay.counts, self.lay.n
-        pw = [c[k] * c[l] for k, l in self.lay.tasks("pairwise")]
-        po = [ck * (n - ck) for ck in c]
-        return {
-            "pairwise": (self._tensor(pw), self._tensor([1.0 / (p * len(pw)) for p in pw])),
-            "ovr": (self._tensor(po), self._tensor([1.0 / (p * len(po)) for p in po])),
-        }
+    def Ync(self) -> torch.Tensor:
+        """Yn − 1/n (n × K): the class means about the batch mean are Yncᵀ H."""
+        return self.Yn - 1.0 / self.lay.n
 
-    def pairs(self, scheme: str) -> torch.Tensor:
-        """|A|·|B| per task."""
-        return self._pairs[scheme][0]
+    @functools.cached_property
+    def Ycnt(self) -> torch.Tensor:
+        """Ync · n_k = Y − n_k / n (n × K)."""
+        return self.Y - self.cnt / self.lay.n
 
-    def task_weights(self, scheme: str) -> torch.Tensor:
-        """1 / (T · |A|·|B|) per task: d(mean_t S_t) / d(pair sum_t)."""
-        return self._pairs[scheme][1]
+    @functools.cached_property
+    def col(self) -> torch.Tensor:
+        return self.lay.inverse[:, None]
 
     @functools.cached_property
     def offdiag(self) -> torch.Tensor:
@@ -266,6 +269,28 @@ class _Consts:
     @functools.cached_property
     def C(self) -> torch.Tensor:
         return self.lay.ovr_coefficients(self.dtype)
+
+    def score_weights(self, scheme: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ip, w, ḡw) for the value from the block sums M = Yᵀ F Y (K × K).
+
+        pairwise: raw = M ∘ ip − σ(−c) (K × K, ip = 1/(n_k n_l) off the diagonal, 0 on it), the
+        value Σ w ∘ clamp(raw, 0, 1) with w = 1/(2T) off the diagonal: the mean over the T pairs
+        k < l, each counted as (k, l) and (l, k). ḡw = 2 w ∘ ip: ∂value/∂M symmetrized, which
+        is what the symmetric x = T + Tᵀ needs. ovr: raw = (M ∘ ip).sum(1) − σ(−c) (K,), ip =
+        1/(n_k (n − n_k)) off the diagonal, w = 1/K, ḡw = ip / K (row k scaled by ∂value/∂raw_k).
+        w is flattened for one dot product."""
+        cache = self.__dict__.setdefault("_weights", {})
+        if scheme not in cache:
+            K, off, cnt = self.lay.K, self.offdiag, self.cnt
+            if scheme == "pairwise":
+                T = K * (K - 1) // 2
+                ip = off / (cnt[:, None] * cnt)
+                w = off / (2 * T)
+                cache[scheme] = (ip, w.reshape(-1), ip * (2 * w))
+            else:
+                ip = off / (cnt * (self.lay.n - cnt))[:, None]
+                cache[scheme] = (ip, torch.full_like(cnt, 1.0 / K), ip / K)
+        return cache[scheme]
 
 
 class _Layout:
@@ -599,48 +624,55 @@ class _FastSoft(torch.autograd.Function):
     """In-sample S_τ (mean over tasks) of a small batch (n² <= _DENSE_ELEMS) as one autograd
     node: the arithmetic of :func:`_directions` + :func:`_dense_task_scores`, run without
     recording a graph, and a hand-written adjoint backward that reuses the factorization and
-    the forward's n × n intermediates. About 80 tensor ops in all instead of ~200 recorded
+    the forward's n × n intermediates. About 75 tensor ops in all instead of ~200 recorded
     ones: at training batch sizes the per-op overhead, not the arithmetic, is what costs.
     α and ᾱ are taken as Python numbers (one host sync each on an accelerator).
 
-    Backward (ḡ: upstream scalar), in reverse order of the forward: weights
-    M̄_t = ḡ/(T·pairs_t) on the used entries of M = Yᵀ F Y; x̄ = (Y M̄ Yᵀ) ∘ σ'(x) on |x| <= c;
-    the projections P̄ and rates R̄ (R̄ → Ḡ through the quadratic forms); then with
-    P = U Z + Y G, G = Mc Z: Ḡ' = Ḡ + Yᵀ P̄, Z̄ = Uᵀ P̄ + Mcᵀ Ḡ', A = Σ_s⁻¹ Z̄ (dual: Woodbury
-    with the n × n factor), ᾱ = tr(−A Zᵀ), Ū = P̄ Zᵀ − c U (A Zᵀ + Z Aᵀ) + 2 (∂α/∂‖U‖²) ᾱ U,
-    M̄c = Ḡ' Zᵀ + Aᵀ + 2 (∂α/∂‖Hc‖²) ᾱ n_k Mc, and H̄ through U = H − Y Mr,
-    Mc = Mr − w Mr, Mr = (Y / n_k)ᵀ H. Under create_graph (double backward) it recomputes the
-    value with the recorded ops and differentiates that, so higher derivatives stay exact."""
+    Backward (ḡ: upstream scalar), in reverse order of the forward: M̄ = ∂value/∂M on the
+    used entries of M = Yᵀ F Y; x̄ = (Y M̄ Yᵀ) ∘ σ'(x) on |x| < c; the projections P̄ and
+    rates R̄ (R̄ → Ḡ through the quadratic forms); then with P = U Z + Y G, G = Mc Z:
+    Ḡ' = Ḡ + Yᵀ P̄, Z̄ = Uᵀ P̄ + Mcᵀ Ḡ', A = Σ_s⁻¹ Z̄ (dual: Woodbury with the n × n factor),
+    ᾱ = tr(−A Zᵀ), Ū = P̄ Zᵀ − c U (A Zᵀ + Z Aᵀ) + 2 (∂α/∂‖U‖²) ᾱ U,
+    M̄c = Ḡ' Zᵀ + Aᵀ + 2 (∂α/∂‖Hc‖²) ᾱ n_k Mc, and H̄ = (I − Yn Yᵀ) Ū + (Yn − 1/n) M̄c through
+    U = H − Y Mr, Mc = Mr − mean(H), Mr = Ynᵀ H (Yn = Y / n_k). U, U A and U Z have zero class
+    sums (Yᵀ U = 0), so the projection I − Yn Yᵀ only acts on P̄ (n × K work) and H̄ is a single
+    product of an n × 3K and a 3K × d matrix. Under create_graph (double backward) it
+    recomputes the value with the recorded ops and differentiates that, so higher derivatives
+    stay exact."""
 
     @staticmethod
     def forward(ctx, H, lay, scheme, shrinkage, tau, dual, grad=True):
         n, d = H.shape
         dtype, K = H.dtype, lay.K
         k_ = lay.consts(dtype)
-        Y, counts = k_.Y, lay.counts
-        Mr = k_.Yn.mT @ H  # K × d class means
-        U = torch.addmm(H, Y, Mr, alpha=-1.0)
-        Mc = Mr - H.mean(0, keepdim=True)  # class means about the batch mean
+        Y, YT, counts = k_.Y, k_.YT, lay.counts
+        pairwise = scheme == "pairwise"
+        # V = [U; Mc] (U = H − Y Mr within-class centred rows, Mc the class means about the
+        # batch mean), written in place: the dual Gram and the backward's Z̄ take V in one op
+        Mr = torch.mm(k_.YnT, H)  # K × d class means
+        V = H.new_empty(n + K, d)
+        U, Mc = V[:n], V[n:]
+        torch.addmm(H, Y, Mr, alpha=-1.0, out=U)
+        torch.sub(Mr, H.mean(0), out=Mc)  # exactly 0 for constant features
         m = max(n - K, 1)
         c = (1.0 - shrinkage) / m
         eps = torch.finfo(dtype).eps
         if dual is None:
             dual = d > n
         if dual:
-            V = torch.cat([U, Mc])
-            Gm = V @ V.mT
+            Gm = torch.mm(V, V.mT)
             Ku, B, MM = Gm[:n, :n], Gm[:n, n:], Gm[n:, n:]
             dg = Gm.diagonal().tolist()
             ssu = math.fsum(dg[:n])
             ss = ssu + math.fsum(ck * v for ck, v in zip(counts, dg[n:], strict=True))
         else:
-            MM = Mc @ Mc.mT
+            MM = torch.mm(Mc, Mc.mT)
             ssu = float(U.square().sum())
             mm = MM.diagonal().tolist()
             ss = ssu + math.fsum(ck * v for ck, v in zip(counts, mm, strict=True))
         a1, a2 = shrinkage / (m * d), _RIDGE / (n * d)
         alpha = ssu * a1 + ss * a2 + _RIDGE * eps**2
-        kind, F = "scalar", ()
+        kind, F, Z = "scalar", (), None
         if dual:
             if c == 0.0:
                 Sol = B / alpha
@@ -649,25 +681,24 @@ class _FastSoft(torch.autograd.Function):
                 Gd.diagonal().add_(alpha)
                 kind, F = _factor(Gd)
                 Sol = _apply_factor(kind, F, B)
-            Z = torch.addmm(Mc.mT, U.mT, Sol, beta=1.0 / alpha, alpha=-c / alpha)
             G = torch.addmm(MM, B.mT, Sol, beta=1.0 / alpha, alpha=-c / alpha)
-            P = torch.addmm(Sol, Y, G)  # = U Z + Y G
             UZ = Sol  # U Z = (B − c Ku Sol) / α = Sol
+            if grad:  # Z itself only enters the backward; kept as Zᵀ (K × d, the faster product)
+                Z = torch.addmm(Mc, Sol.mT, U, beta=1.0 / alpha, alpha=-c / alpha).mT
         else:
             if c == 0.0:
                 Z = Mc.mT / alpha
             else:
-                Sg = U.mT @ U
+                Sg = torch.mm(U.mT, U)
                 Sg.mul_(c).diagonal().add_(alpha)
                 kind, F = _factor(Sg)
                 Z = _apply_factor(kind, F, Mc.mT.contiguous())
-            G = Mc @ Z
-            UZ = U @ Z
-            P = torch.addmm(UZ, Y, G)
-        if scheme == "pairwise":
+            G = torch.mm(Mc, Z)
+            UZ = torch.mm(U, Z)
+        P = torch.addmm(UZ, Y, G)  # = U Z + Y G
+        if pairwise:
             dg = G.diagonal()
-            quad = (dg[:, None] + dg) - (G + G.mT)
-            C = None
+            quad = (dg[:, None] + dg).sub_(G + G.mT)
         else:
             C = k_.C
             quad = (C * (G @ C)).sum(0)
@@ -675,42 +706,41 @@ class _FastSoft(torch.autograd.Function):
         R = quad.clamp_min(0.0).add_(eps).rsqrt_()
         Rt = R * (1.0 / tau)
         # dense soft count (as _dense_task_scores)
-        inv = lay.inverse
-        g = P.gather(1, inv[:, None])
-        if scheme == "pairwise":
+        g = P.gather(1, k_.col)
+        if pairwise:
             # x_ab = Rt_{y_a y_b} (g_a + g_b − P[a, y_b] − P[b, y_a]) = T_ab + T_ba with
             # T = Fa Yᵀ, Fa[a, l] = Rt_{y_a l} (g_a − P[a, l]) (Rt symmetric): one product
-            S, Rn = g - P, Y @ Rt  # n × K
-            T = (Rn * S) @ Y.mT
+            S, Rn = g - P, torch.mm(Y, Rt)  # n × K
+            T = torch.mm(Rn * S, YT)
             x = T + T.mT
         else:
-            S = g - (P @ Y.mT).mT  # g_a − P[b, y_a]
-            Rn = (Y @ Rt)[:, None]
+            S = g - torch.mm(P, YT).mT  # g_a − P[b, y_a]
+            Rn = torch.mv(Y, Rt)[:, None]
             x = S * Rn
         cut = _cut(dtype)
-        z = torch.sigmoid(x.clamp(-cut, cut))
-        M = Y.mT @ (z @ Y)
-        floor = 1.0 / (1.0 + math.exp(cut))
-        pairs = k_.pairs(scheme)
-        if scheme == "pairwise":
-            kk, ll = lay.pair_index()
-            raw = M[kk, ll] / pairs - floor
-        else:
-            raw = (M * k_.offdiag).sum(1) / pairs - floor
-        value = raw.clamp(0.0, 1.0).mean()
+        x.clamp_(-cut, cut)  # in place: hardtanh_backward below masks |x| >= c all the same
+        z = torch.sigmoid(x)
+        ip, w, _ = k_.score_weights(scheme)
+        raw = torch.mm(YT, torch.mm(z, Y)).mul_(ip)  # per-task sums / pairs
+        if not pairwise:
+            raw = raw.sum(1)
+        raw.sub_(1.0 / (1.0 + math.exp(cut)))  # − σ(−c): f = σ(clip(x)) − σ(−c)
+        clipped = raw.clamp(0.0, 1.0)
+        value = torch.dot(clipped.view(-1), w)
         if not grad:  # no backward will come (e.g. a probe under no_grad): skip its inputs
             return value
         # σ'(x) on |x| < c, 0 beyond the cut (hardtanh_backward: one fused masking op)
         dz = torch.ops.aten.hardtanh_backward(torch.addcmul(z, z, z, value=-1.0), x, -cut, cut)
         dRq = R.pow(3).mul_(-0.5 / tau).masked_fill_(quad < 0, 0.0)  # ∂Rt/∂quad
+        inside = raw == clipped  # where the clamp passes the gradient
         ctx.lay, ctx.scheme, ctx.shrinkage, ctx.tau, ctx.dual = lay, scheme, shrinkage, tau, dual
         ctx.consts = (c, alpha, a1, a2, kind)
-        ctx.save_for_backward(H, U, Mc, Z, UZ, S, Rn, dz, dRq, raw, *F)
+        ctx.save_for_backward(H, V, Z, UZ, S, Rn, dz, dRq, inside, *F)
         return value
 
     @staticmethod
     def backward(ctx, gv):
-        H, U, Mc, Z, UZ, S, Rn, dz, dRq, raw, *F = ctx.saved_tensors
+        H, V, Z, UZ, S, Rn, dz, dRq, inside, *F = ctx.saved_tensors
         lay, scheme = ctx.lay, ctx.scheme
         if torch.is_grad_enabled():  # create_graph: differentiate the recorded ops instead
             with torch.enable_grad():
@@ -718,53 +748,48 @@ class _FastSoft(torch.autograd.Function):
             (gH,) = torch.autograd.grad(v, H, gv, create_graph=True)
             return gH, None, None, None, None, None, None
         c, alpha, a1, a2, kind = ctx.consts
+        n = H.shape[0]
         k_ = lay.consts(H.dtype)
-        Y, Yn, K = k_.Y, k_.Yn, lay.K
-        # value = mean_t clamp(raw_t, 0, 1), raw_t = M_t / pairs_t − floor
-        gs = torch.where((raw >= 0) & (raw <= 1), gv * k_.task_weights(scheme), 0.0)
-        if scheme == "pairwise":  # M[k, l], k < l: symmetric weights (x and F are symmetric)
-            kk, ll = lay.pair_index()
-            gM = gs.new_zeros(K, K).index_put_((kk, ll), gs).index_put_((ll, kk), gs)
-        else:
-            gM = gs[:, None] * k_.offdiag
-        gx = (Y @ gM @ Y.mT).mul_(dz)
-        if scheme == "pairwise":  # x = T + Tᵀ: T̄ = gx (symmetric); T = (Rn ∘ S) Yᵀ
-            gF = gx @ Y
+        Y, YT = k_.Y, k_.YT
+        U, Mc = V[:n], V[n:]
+        gw = k_.score_weights(scheme)[2]
+        gM = torch.mul(gw, inside if scheme == "pairwise" else inside[:, None]).mul_(gv)
+        gx = torch.mm(torch.mm(Y, gM), YT).mul_(dz)
+        if scheme == "pairwise":  # x = T + Tᵀ: T̄ = gx (gM symmetrized); T = (Rn ∘ S) Yᵀ
+            gF = torch.mm(gx, Y)
             gS = gF * Rn  # S = g 1ᵀ − P
-            gq = (Y.mT @ (gF * S)).mul_(dRq)  # Rn = Y Rt, then quad
+            gq = torch.mm(YT, gF.mul_(S)).mul_(dRq)  # Rn = Y Rt, then quad
             gq = gq + gq.mT  # quad = dg_k + dg_l − G − Gᵀ
-            gG = torch.diag_embed(gq.sum(1)) - gq
+            gG = torch.diag(gq.sum(1)).sub_(gq)
             gP = torch.sub(Y * gS.sum(1, keepdim=True), gS)
         else:  # S = g 1ᵀ − (P Yᵀ)ᵀ, Rn = Y Rt
             gS = gx * Rn
-            gRt = Y.mT @ (gx.mul_(S)).sum(1)
+            gRt = torch.mv(YT, gx.mul_(S).sum(1))
             gP = torch.addmm(Y * gS.sum(1, keepdim=True), gS.mT, Y, alpha=-1.0)
             C = k_.C
             gG = (C * (gRt * dRq)) @ C.mT
             gP = gP @ C.mT
-        gG = torch.addmm(gG, Y.mT, gP)  # P = U Z + Y G
-        gZ = torch.addmm(U.mT @ gP, Mc.mT, gG)
-        gU = gP @ Z.mT
-        gMc = gG @ Z.mT
+        gG.addmm_(YT, gP)  # P = U Z + Y G
+        # d × K matrices are formed as their K × d transposes (the faster product)
+        gZ = torch.mm(torch.cat([gP, gG]).mT, V).mT  # Uᵀ P̄ + Mcᵀ Ḡ'
         # Z = Σ_s⁻¹ Mcᵀ, Σ_s = α I + c UᵀU
         if c == 0.0:
             A = gZ / alpha
         elif ctx.dual:
-            t = _apply_factor(kind, tuple(F), U @ gZ)
-            A = torch.addmm(gZ, U.mT, t, beta=1.0 / alpha, alpha=-c / alpha)
+            t = _apply_factor(kind, tuple(F), torch.mm(U, gZ))
+            A = torch.addmm(gZ.mT, t.mT, U, beta=1.0 / alpha, alpha=-c / alpha).mT
         else:
             A = _apply_factor(kind, tuple(F), gZ)
-        gMc.add_(A.mT)
         galpha = -float((A * Z).sum())
+        # α = a1‖U‖² + a2 (‖U‖² + Σ_k n_k ‖Mc_k‖²) + const; H̄ = β U + [E1 E2 E3][Z A Mcᵀ]ᵀ
+        # with E1 = (I − Yn Yᵀ) P̄ − c U A + Ync Ḡ', E2 = Ync − c U Z, E3 = β₂ Ync n_k
+        beta, beta2 = 2.0 * (a1 + a2) * galpha, 2.0 * a2 * galpha
+        E1 = torch.addmm(gP, k_.Ync, gG)
+        E1.addmm_(k_.Yn, torch.mm(YT, gP), alpha=-1.0)
         if c != 0.0:
-            gU = torch.addmm(gU, U @ A, Z.mT, alpha=-c)
-            gU = torch.addmm(gU, UZ, A.mT, alpha=-c)
-        # α = a1‖U‖² + a2 (‖U‖² + Σ_k n_k ‖Mc_k‖²) + const
-        gU.add_(U, alpha=2.0 * (a1 + a2) * galpha)
-        gMc.addcmul_(k_.cnt[:, None], Mc, value=2.0 * a2 * galpha)
-        # U = H − Y Mr, Mc = Mr − mean(H), Mr = (Y / n_k)ᵀ H
-        gH = torch.addmm(gU, Yn, torch.addmm(gMc, Y.mT, gU, alpha=-1.0))
-        gH.sub_(gMc.sum(0, keepdim=True), alpha=1.0 / H.shape[0])
+            E1.addmm_(U, A, alpha=-c)
+        E = torch.cat([E1, torch.add(k_.Ync, UZ, alpha=-c), k_.Ycnt * beta2], 1)
+        gH = torch.addmm(U, E, torch.cat([Z.mT, A.mT, Mc]), beta=beta)
         return gH, None, None, None, None, None, None
 
 
