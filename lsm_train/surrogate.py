@@ -91,7 +91,14 @@ def _check_scheme(scheme: Any) -> str:
 
 
 def _full_precision(device: torch.device) -> contextlib.AbstractContextManager:
-    """Disable autocast: the solves and the soft counts need float32/float64 arithmetic."""
+    """Disable autocast: the solves and the soft counts need float32/float64 arithmetic.
+    Nothing to do (and no autocast context to build, which costs more than a small solve)
+    when autocast is already off for the device."""
+    try:
+        if not torch.is_autocast_enabled(device.type):
+            return contextlib.nullcontext()
+    except (TypeError, RuntimeError):  # torch < 2.4 (no device argument), unknown device type
+        pass
     try:
         return torch.autocast(device_type=device.type, enabled=False)
     except (RuntimeError, ValueError):  # a device type without autocast
@@ -133,10 +140,7 @@ def _factor(S: torch.Tensor) -> tuple[str, tuple[torch.Tensor, ...]]:
     129); the factor is the same."""
     m = S.shape[-1]
     if m % 128 == 0:
-        Sp = S.new_zeros(m + 1, m + 1)
-        Sp[:m, :m] = S
-        Sp[m, m] = 1.0
-        L, info = torch.linalg.cholesky_ex(Sp)
+        L, info = torch.linalg.cholesky_ex(torch.block_diag(S, S.new_ones(1, 1)))
         L = L[:m, :m]
     else:
         L, info = torch.linalg.cholesky_ex(S)
@@ -369,6 +373,13 @@ class _Layout:
 _LAYOUTS: list[tuple[torch.Tensor, _Layout]] = []  # recent label vectors and their layouts
 
 
+def _cached_layout(labels: torch.Tensor) -> _Layout | None:
+    for lab, lay in _LAYOUTS:
+        if lab.shape == labels.shape and lab.device == labels.device and torch.equal(lab, labels):
+            return lay
+    return None
+
+
 def _layout(labels: torch.Tensor) -> _Layout:
     """:class:`_Layout` of ``labels``, reused while the same label vector comes back (LSMLoss
     scores several layers of one batch; a training loop often repeats its label order). A
@@ -376,13 +387,30 @@ def _layout(labels: torch.Tensor) -> _Layout:
     small batches (n² <= _DENSE_ELEMS) are kept, so the cache never holds large tensors."""
     if labels.numel() ** 2 > _DENSE_ELEMS:
         return _Layout(labels)
-    for lab, lay in _LAYOUTS:
-        if lab.shape == labels.shape and lab.device == labels.device and torch.equal(lab, labels):
-            return lay
+    lay = _cached_layout(labels)
+    if lay is not None:
+        return lay
     lay = _Layout(labels)
     _LAYOUTS.insert(0, (labels.clone(), lay))
     del _LAYOUTS[4:]
     return lay
+
+
+def _labels_and_layout(y: Any, X: torch.Tensor) -> tuple[torch.Tensor, _Layout]:
+    """Validated labels of the rows of X and their layout. An int64 label tensor equal to a
+    cached one (validated when it was cached) is used as is: no second validation (which
+    costs a host sync) for the labels a training loop or LSMLoss passes again and again."""
+    if (
+        isinstance(y, torch.Tensor)
+        and y.dtype == torch.int64
+        and y.shape == X.shape[:1]
+        and y.device == X.device
+    ):
+        lay = _cached_layout(y)
+        if lay is not None:
+            return y, lay
+    labels = check_labels(y, X.shape[0], device=X.device)
+    return labels, _layout(labels)
 
 
 def _directions(
@@ -849,11 +877,12 @@ def soft_md_lsm(
     X, m = _features(H, reduce)
     if m != 1.0:
         X = X / m
-    labels = check_labels(y, X.shape[0], device=X.device)
-    with _full_precision(X.device):
-        if crossfit:
+    if crossfit:
+        labels = check_labels(y, X.shape[0], device=X.device)
+        with _full_precision(X.device):
             return _soft_md_lsm_crossfit(X, labels, tau, scheme, shrinkage, detach_directions)
-        lay = _layout(labels)
+    labels, lay = _labels_and_layout(y, X)
+    with _full_precision(X.device):
         if lay.K >= 2 and not detach_directions and lay.n * lay.n <= _DENSE_ELEMS:
             grad = torch.is_grad_enabled() and X.requires_grad
             return _FastSoft.apply(X, lay, scheme, shrinkage, tau, None, grad)
