@@ -687,9 +687,11 @@ class _FastSoft(torch.autograd.Function):
         eps = torch.finfo(dtype).eps
         if dual is None:
             dual = d > n
+        Gu = None
         if dual:
             Gm = torch.mm(V, V.mT)
-            Ku, B, MM = Gm[:n, :n], Gm[:n, n:], Gm[n:, n:]
+            Gu, MM = Gm[:n], Gm[n:, n:]  # Gu = U Vᵀ = [Ku B]
+            Ku, B = Gu[:, :n], Gu[:, n:]
             dg = Gm.diagonal().tolist()
             ssu = math.fsum(dg[:n])
             ss = ssu + math.fsum(ck * v for ck, v in zip(counts, dg[n:], strict=True))
@@ -763,12 +765,12 @@ class _FastSoft(torch.autograd.Function):
         inside = raw == clipped  # where the clamp passes the gradient
         ctx.lay, ctx.scheme, ctx.shrinkage, ctx.tau, ctx.dual = lay, scheme, shrinkage, tau, dual
         ctx.consts = (c, alpha, a1, a2, kind)
-        ctx.save_for_backward(H, V, Z, UZ, S, Rn, dz, dRq, inside, *F)
+        ctx.save_for_backward(H, V, Gu, Z, UZ, S, Rn, dz, dRq, inside, *F)
         return value
 
     @staticmethod
     def backward(ctx, gv):
-        H, V, Z, UZ, S, Rn, dz, dRq, inside, *F = ctx.saved_tensors
+        H, V, Gu, Z, UZ, S, Rn, dz, dRq, inside, *F = ctx.saved_tensors
         lay, scheme = ctx.lay, ctx.scheme
         if torch.is_grad_enabled():  # create_graph: differentiate the recorded ops instead
             with torch.enable_grad():
@@ -798,16 +800,19 @@ class _FastSoft(torch.autograd.Function):
             gG = (C * (gRt * dRq)) @ C.mT
             gP = gP @ C.mT
         gG.addmm_(YT, gP)  # P = U Z + Y G
-        # d × K matrices are formed as their K × d transposes (the faster product)
-        gZ = torch.mm(torch.cat([gP, gG]).mT, V).mT  # Uᵀ P̄ + Mcᵀ Ḡ'
-        # Z = Σ_s⁻¹ Mcᵀ, Σ_s = α I + c UᵀU
-        if c == 0.0:
-            A = gZ / alpha
-        elif ctx.dual:
-            t = _apply_factor(kind, tuple(F), torch.mm(U, gZ))
-            A = torch.addmm(gZ.mT, t.mT, U, beta=1.0 / alpha, alpha=-c / alpha).mT
+        Wg = torch.cat([gP, gG])  # Z̄ = Uᵀ P̄ + Mcᵀ Ḡ' = Vᵀ Wg
+        # A = Σ_s⁻¹ Z̄ (Z = Σ_s⁻¹ Mcᵀ, Σ_s = α I + c UᵀU) and U A, needed below; d × K
+        # matrices are formed as their K × d transposes (the faster product)
+        if ctx.dual:
+            # Woodbury: A = Vᵀ [P̄ − c t; Ḡ'] / α, t = (α I + c Ku)⁻¹ U Z̄; with the forward's
+            # Gu = U Vᵀ, U Z̄ = Gu Wg and U A = Gu [P̄ − c t; Ḡ'] / α cost no d-sized product
+            if c != 0.0:
+                Wg[:n].sub_(_apply_factor(kind, tuple(F), torch.mm(Gu, Wg)), alpha=c)
+            Wg.div_(alpha)
+            A = torch.mm(Wg.mT, V).mT
         else:
-            A = _apply_factor(kind, tuple(F), gZ)
+            gZ = torch.mm(Wg.mT, V).mT
+            A = gZ / alpha if c == 0.0 else _apply_factor(kind, tuple(F), gZ)
         galpha = -float((A * Z).sum())
         # α = a1‖U‖² + a2 (‖U‖² + Σ_k n_k ‖Mc_k‖²) + const; H̄ = β U + [E1 E2 E3][Z A Mcᵀ]ᵀ
         # with E1 = (I − Yn Yᵀ) P̄ − c U A + Ync Ḡ', E2 = Ync − c U Z, E3 = β₂ Ync n_k
@@ -815,7 +820,7 @@ class _FastSoft(torch.autograd.Function):
         E1 = torch.addmm(gP, k_.Ync, gG)
         E1.addmm_(k_.Yn, torch.mm(YT, gP), alpha=-1.0)
         if c != 0.0:
-            E1.addmm_(U, A, alpha=-c)
+            E1.addmm_(*((Gu, Wg) if ctx.dual else (U, A)), alpha=-c)  # − c U A
         E = torch.cat([E1, torch.add(k_.Ync, UZ, alpha=-c), k_.Ycnt * beta2], 1)
         gH = torch.addmm(U, E, torch.cat([Z.mT, A.mT, Mc]), beta=beta)
         return gH, None, None, None, None, None, None
