@@ -759,18 +759,16 @@ class _FastSoft(torch.autograd.Function):
         value = torch.dot(clipped.view(-1), w)
         if not grad:  # no backward will come (e.g. a probe under no_grad): skip its inputs
             return value
-        # σ'(x) on |x| < c, 0 beyond the cut (hardtanh_backward: one fused masking op)
-        dz = torch.ops.aten.hardtanh_backward(torch.addcmul(z, z, z, value=-1.0), x, -cut, cut)
-        dRq = R.pow(3).mul_(-0.5 / tau).masked_fill_(quad < 0, 0.0)  # ∂Rt/∂quad
+        dRq = R.pow(3).masked_fill_(quad < 0, 0.0)  # ∂Rt/∂quad times −2τ
         inside = raw == clipped  # where the clamp passes the gradient
         ctx.lay, ctx.scheme, ctx.shrinkage, ctx.tau, ctx.dual = lay, scheme, shrinkage, tau, dual
         ctx.consts = (c, alpha, a1, a2, kind)
-        ctx.save_for_backward(H, V, Gu, Z, UZ, S, Rn, dz, dRq, inside, *F)
+        ctx.save_for_backward(H, V, Gu, Z, UZ, S, Rn, x, z, dRq, inside, *F)
         return value
 
     @staticmethod
     def backward(ctx, gv):
-        H, V, Gu, Z, UZ, S, Rn, dz, dRq, inside, *F = ctx.saved_tensors
+        H, V, Gu, Z, UZ, S, Rn, x, z, dRq, inside, *F = ctx.saved_tensors
         lay, scheme = ctx.lay, ctx.scheme
         if torch.is_grad_enabled():  # create_graph: differentiate the recorded ops instead
             with torch.enable_grad():
@@ -784,11 +782,15 @@ class _FastSoft(torch.autograd.Function):
         U, Mc = V[:n], V[n:]
         gw = k_.score_weights(scheme)[2]
         gM = torch.mul(gw, inside if scheme == "pairwise" else inside[:, None]).mul_(gv)
-        gx = torch.mm(torch.mm(Y, gM), YT).mul_(dz)
+        # x̄ = z̄ σ'(x) on |x| < c, 0 beyond the cut (hardtanh_backward: one fused masking op)
+        cut = _cut(H.dtype)
+        gx = torch.ops.aten.sigmoid_backward(torch.mm(torch.mm(Y, gM), YT), z)
+        gx = torch.ops.aten.hardtanh_backward(gx, x, -cut, cut)
+        kq = -0.5 / ctx.tau  # dRq · kq = ∂Rt/∂quad
         if scheme == "pairwise":  # x = T + Tᵀ: T̄ = gx (gM symmetrized); T = (Rn ∘ S) Yᵀ
             gF = torch.mm(gx, Y)
             gS = gF * Rn  # S = g 1ᵀ − P
-            gq = torch.mm(YT, gF.mul_(S)).mul_(dRq)  # Rn = Y Rt, then quad
+            gq = torch.addmm(dRq, YT, gF.mul_(S), beta=0.0, alpha=kq).mul_(dRq)  # Rn = Y Rt
             gq = gq + gq.mT  # quad = dg_k + dg_l − G − Gᵀ
             gG = torch.diag(gq.sum(1)).sub_(gq)
             gP = torch.sub(Y * gS.sum(1, keepdim=True), gS)
@@ -797,7 +799,7 @@ class _FastSoft(torch.autograd.Function):
             gRt = torch.mv(YT, gx.mul_(S).sum(1))
             gP = torch.addmm(Y * gS.sum(1, keepdim=True), gS.mT, Y, alpha=-1.0)
             C = k_.C
-            gG = (C * (gRt * dRq)) @ C.mT
+            gG = (C * gRt.mul_(dRq).mul_(kq)) @ C.mT
             gP = gP @ C.mT
         gG.addmm_(YT, gP)  # P = U Z + Y G
         Wg = torch.cat([gP, gG])  # Z̄ = Uᵀ P̄ + Mcᵀ Ḡ' = Vᵀ Wg
