@@ -267,6 +267,23 @@ def test_layout_reuse_is_exact():
     assert all(lab.numel() < 600 for lab, _ in sur._LAYOUTS)
 
 
+def test_cached_labels_skip_revalidation_but_bad_labels_still_raise(monkeypatch):
+    H, y = _data(30, 5, K=3)
+    ref = soft_md_lsm(H, y).item()
+    checks = []
+    real = sur.check_labels
+    monkeypatch.setattr(sur, "check_labels", lambda *a, **k: checks.append(1) or real(*a, **k))
+    assert soft_md_lsm(H, y.clone()).item() == ref  # equal to a cached, validated vector
+    assert checks == []
+    bad = y.clone()
+    bad[0] = -1  # not equal to any cached vector: validated, and refused
+    with pytest.raises(ValueError, match=">= 0"):
+        soft_md_lsm(H, bad)
+    assert checks == [1]
+    soft_md_lsm(H, y.double())  # not int64: validated
+    assert checks == [1, 1]
+
+
 def test_dual_path_never_forms_d_by_d(monkeypatch):
     sizes = []
     real = sur._spd_solve
