@@ -672,7 +672,8 @@ class SeparabilityGuard(torch.optim.Optimizer):
         return (
             f"SeparabilityGuard({type(self.optimizer).__name__}, layers={self.layer_names}, "
             f"measure={self.measure!r}, tolerance={self.tolerance}, "
-            f"check_every={self.check_every}, max_retries={self.max_retries}, "
+            f"check_every={self.check_every}, scope={self.scope!r}, "
+            f"max_retries={self.max_retries}, "
             f"stats={self.stats})"
         )
 
