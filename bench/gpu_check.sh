@@ -25,15 +25,16 @@ $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_na
 lscpu | grep -m1 "Model name" || true
 
 echo "== 1. CUDA tests, real torchvision/timm models"
-timeout 240 $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_margin.py \
+timeout 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_margin.py \
   tests/test_models.py 2>&1 | tee "$OUT/tests_cuda.log" | tail -25
 
-echo "== 2. step overhead and zoo on the GPU"
-timeout 150 $PY bench/step_overhead.py --device cuda --reps 5 --steps 20 2>&1 \
+echo "== 2. soft measure latency, step overhead and zoo on the GPU"
+timeout 60 $PY bench/soft_latency.py --device cuda 2>&1 | tee "$OUT/soft_latency_cuda.txt"
+timeout 100 $PY bench/step_overhead.py --device cuda --reps 5 --steps 20 2>&1 \
   | tee "$OUT/step_overhead_cuda.txt"
-timeout 120 $PY bench/zoo.py --device cuda --gpu-scale --repeats 5 --warmup 2 2>&1 \
+timeout 60 $PY bench/zoo.py --device cuda --gpu-scale --repeats 5 --warmup 2 2>&1 \
   | tee "$OUT/zoo_cuda.txt"
 
 echo "== 3. the fast suite, device=auto -> cuda"
-timeout 300 $PY -m pytest -q -p no:cacheprovider -rs --timeout 150 2>&1 \
+timeout 170 $PY -m pytest -q -p no:cacheprovider -rs --timeout 100 2>&1 \
   | tee "$OUT/tests_all.log" | tail -40

@@ -194,8 +194,11 @@ def test_guard_rejection_restores_cuda_state_bitwise(snapshot_device):
     guard.step()
     assert not guard.last_decision.accepted
     _assert_same(model, inner, ref)
-    want = "cpu" if snapshot_device else DEV
-    assert {b.device.type for b in guard._buffers.values()} == {want}
+    for key, buf in guard._buffers.items():  # Adam's step counters live on the CPU
+        if snapshot_device == "cpu":
+            assert buf.device.type == "cpu"
+        elif key[0] == "param":
+            assert buf.device.type == DEV, key
 
 
 def test_guard_with_float16_grad_scaler():
