@@ -31,11 +31,15 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state`. The torch states are byte tensors that torch wants on the
+    CPU, also when the checkpoint was loaded with ``map_location="cuda"``; CUDA states are
+    set for the devices present (a run resumed on fewer GPUs sets the first ones)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu(), i)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:

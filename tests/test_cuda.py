@@ -262,3 +262,18 @@ def test_app_trains_on_gpu(tmp_path):
     assert res.status == "completed" and res.step > 0
     assert seen == {DEV}
     assert 0.0 <= res.final["val/acc"] <= 1.0 and res.final["guard/accept_rate"] > 0
+
+
+def test_app_resumes_a_gpu_checkpoint(tmp_path):
+    """The checkpoint is loaded with map_location=cuda: the RNG byte tensors must go back
+    to the CPU before torch.set_rng_state (this failed on the first GPU run)."""
+    from lsm_train.app import compose, train_from_config
+
+    device = ["trainer=gpu"] if DEV == "cuda" else ["trainer.device=cpu"]
+    args = [*device, "debug=smoke", "lsm=off", "logger=none", "trainer.progress=false"]
+    first = train_from_config(compose(args), tmp_path, recipe="quickstart")
+    assert first.status == "completed" and first.step == 3
+    res = train_from_config(compose([*args, "trainer.epochs=2", "trainer.max_steps=6",
+                                     "resume=true"]), tmp_path,
+                            recipe="quickstart")
+    assert res.status == "completed" and res.step == 6

@@ -396,7 +396,7 @@ def test_real_timm_models(name):
     assert y_hat.shape == (8, 4) and set(seen) == set(model.hidden_layers)
     reg = LSMLoss(model)
     (F.cross_entropy(model(x), y) + reg(y)).backward()
-    assert all(0.0 < v < 1.0 for v in reg.last.values())
+    assert all(0.0 < v <= 1.0 for v in reg.last.values())  # 2 per class: may saturate
 
 
 def test_numpy_integers_are_accepted():
