@@ -209,18 +209,22 @@ def capture_layers(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, layers: list[str], batch_size: int = 512
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Float32 CPU features of each layer on ``x`` (eval mode) and the number of correct
-    predictions."""
+    predictions. ``x`` and ``y`` may live anywhere: each batch is moved to the model's
+    device (so a large probe can stay in host memory)."""
     from lsm_train.capture import HiddenCapture
 
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else x.device
     was_training = model.training
     model.eval()
     feats: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     correct = 0
     with HiddenCapture(model, layers) as captured:
         for start in range(0, x.shape[0], batch_size):
-            xb = x[start : start + batch_size]
+            xb = x[start : start + batch_size].to(device)
+            yb = y[start : start + batch_size].to(device)
             logits = model(xb)
-            correct += int((logits.argmax(1) == y[start : start + batch_size]).sum())
+            correct += int((logits.argmax(1) == yb).sum())
             for name in layers:
                 feats[name].append(captured[name].float().cpu())
     model.train(was_training)

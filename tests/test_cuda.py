@@ -277,3 +277,18 @@ def test_app_resumes_a_gpu_checkpoint(tmp_path):
                                      "resume=true"]), tmp_path,
                             recipe="quickstart")
     assert res.status == "completed" and res.step == 6
+
+
+def test_measure_layers_takes_a_host_probe_for_a_gpu_model():
+    from lsm_train.trainer import measure_layers
+
+    torch.manual_seed(0)
+    cpu_model = ConvNet().double().eval()
+    gpu_model = ConvNet().double()
+    gpu_model.load_state_dict(cpu_model.state_dict())
+    gpu_model.to(DEV)
+    x, y = image_batch(60, seed=4)
+    ref = measure_layers(cpu_model, x.double(), y, ["block1", "block2"], batch_size=16)
+    got = measure_layers(gpu_model, x.double(), y, ["block1", "block2"], batch_size=16)
+    assert got[1] == ref[1]
+    assert got[0] == pytest.approx(ref[0], abs=1e-9)

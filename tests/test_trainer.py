@@ -222,11 +222,12 @@ def test_monitor_scores_equal_layer_separability_on_the_captured_features(tmp_pa
     t = Trainer(small_cfg("lsm=monitor"), tmp_path)
     x, y = t.probe
     scores, acc = measure_layers(t.model, x, y, t.layers, holdout=0.5, seed=0, batch_size=20)
-    t.model.eval()
+    t.model.eval()  # the probe stays on the host; on a GPU run the model is on the device
     with torch.no_grad(), lt.HiddenCapture(t.model, t.layers) as feats:
-        logits = t.model(x)
+        logits = t.model(x.to(t.device)).cpu()
     for name in t.layers:
-        expect = lt.layer_separability(feats[name], y, method="degree", holdout=0.5, seed=0)
+        H = feats[name].cpu()
+        expect = lt.layer_separability(H, y, method="degree", holdout=0.5, seed=0)
         assert scores[name] == pytest.approx(float(expect), abs=1e-6)
     assert acc == pytest.approx(float((logits.argmax(1) == y).float().mean()))
 
