@@ -493,6 +493,20 @@ def _train(model, guard, steps, seed):
         guard.step()
 
 
+def _save_and_resume(tmp_path, model, guard, steps, seed, rebuild):
+    """Checkpoint model, guard and RNG; rebuild (from another init), load, train ``steps``."""
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "opt": guard.state_dict(),
+                "rng": torch.get_rng_state()}, path)
+    model, _, guard = rebuild()
+    ckpt = torch.load(path)
+    model.load_state_dict(ckpt["model"])
+    guard.load_state_dict(ckpt["opt"])
+    torch.set_rng_state(ckpt["rng"])
+    _train(model, guard, steps, seed=seed)
+    return model, guard
+
+
 @pytest.mark.parametrize("bn,track", [(True, True), (True, False), (False, True)])
 def test_resume_equals_uninterrupted_bitwise(tmp_path, bn, track):
     kw = dict(max_retries=1, track_buffers=track)
@@ -507,16 +521,8 @@ def test_resume_equals_uninterrupted_bitwise(tmp_path, bn, track):
     model, inner, guard = build("adam", bn=bn, **kw)
     torch.manual_seed(11)
     _train(model, guard, k, seed=100)
-    path = tmp_path / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "opt": guard.state_dict(),
-                "rng": torch.get_rng_state()}, path)
-
-    model, inner, guard = build("adam", bn=bn, seed=99, **kw)  # different init
-    ckpt = torch.load(path)
-    model.load_state_dict(ckpt["model"])
-    guard.load_state_dict(ckpt["opt"])
-    torch.set_rng_state(ckpt["rng"])
-    _train(model, guard, N - k, seed=100 + k)
+    model, guard = _save_and_resume(tmp_path, model, guard, N - k, seed=100 + k,
+                                    rebuild=lambda: build("adam", bn=bn, seed=99, **kw))
     for p, q in zip(model.parameters(), ref_params, strict=True):
         assert torch.equal(p, q)
     assert guard.stats == ref_stats
@@ -717,17 +723,9 @@ def test_window_resume_equals_uninterrupted_bitwise(tmp_path, stop):
     model, inner, guard = build("adam", **kw)
     torch.manual_seed(11)
     _train(model, guard, stop, seed=100)
-    sd = guard.state_dict()
-    assert (sd["guard"]["window"] is None) == (stop % 3 == 0)
-    path = tmp_path / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "opt": sd, "rng": torch.get_rng_state()}, path)
-
-    model, inner, guard = build("adam", seed=99, **kw)  # different init
-    ckpt = torch.load(path)
-    model.load_state_dict(ckpt["model"])
-    guard.load_state_dict(ckpt["opt"])
-    torch.set_rng_state(ckpt["rng"])
-    _train(model, guard, N - stop, seed=100 + stop)
+    assert (guard.state_dict()["guard"]["window"] is None) == (stop % 3 == 0)
+    model, guard = _save_and_resume(tmp_path, model, guard, N - stop, seed=100 + stop,
+                                    rebuild=lambda: build("adam", seed=99, **kw))
     for p, q in zip(model.parameters(), ref_params, strict=True):
         assert torch.equal(p, q)
     assert guard.stats == ref_stats
