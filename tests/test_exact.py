@@ -227,3 +227,19 @@ def test_shared_point_is_never_separable():
     B = np.array([[-1.0, 1.0], [2.0, -3.0], [-3.0, 4.0], [-3.0, 4.0]])
     assert not separability_test(A, B).separable
     assert not separability_test(B, A).separable
+
+
+@pytest.mark.parametrize("n,d", [(12, 40), (40, 12), (30, 30)])
+def test_lda_candidate_dual_equals_primal(n, d):
+    """The LDA candidate direction from the n × n dual (n < d) is the primal (Σ + rI)⁻¹ diff."""
+    from lsm_train.measures.exact import _candidate_directions
+
+    rng = np.random.default_rng(n * d)
+    a, b = rng.normal(size=(n // 2, d)), rng.normal(size=(n - n // 2, d)) + 0.2
+    X = np.concatenate([a - a.mean(0), b - b.mean(0)])
+    cov = X.T @ X / (n - 2)
+    ridge = 1e-3 * np.trace(cov) / d
+    expect = np.linalg.solve(cov + ridge * np.eye(d), a.mean(0) - b.mean(0))
+    got = _candidate_directions(a, b)
+    assert len(got) == 2
+    np.testing.assert_allclose(got[1], expect, rtol=1e-9, atol=1e-12 * np.abs(expect).max())
