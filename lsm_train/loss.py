@@ -151,18 +151,15 @@ def _scores(
     for name, f in feats.items():
         if f.dtype in (torch.float16, torch.bfloat16):
             f = f.float()
-        # one reduction instead of an elementwise isfinite pass over a whole conv map: the
-        # sum of finite features is finite unless it overflows, then check in full
-        if nan_if_not_finite and not bool(torch.isfinite(f.detach().sum())) and not bool(
-            torch.isfinite(f).all()
-        ):
-            out[name] = f.sum() * float("nan")
-            continue
-        with torch.autocast(device_type=f.device.type, enabled=False):
+        try:  # soft_md_lsm turns autocast off itself and checks finiteness in its own pass
             out[name] = soft_md_lsm(
                 f, y, tau, scheme=scheme, shrinkage=shrinkage,
                 detach_directions=detach_directions, reduce=reduce, crossfit=crossfit,
             )
+        except ValueError:
+            if not nan_if_not_finite or bool(torch.isfinite(f).all()):
+                raise
+            out[name] = f.sum() * float("nan")  # still attached to the graph
     return out
 
 
