@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lsm_train._validation import check_labels, check_positive
+from lsm_train._validation import check_positive
 from lsm_train.capture import HiddenCapture
 from lsm_train.features import REDUCTIONS
 
@@ -117,10 +117,14 @@ def _labels(labels: Any, feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
             raise ValueError(
                 f"features[{name!r}]: expected a batch (N, d, ...), got shape {tuple(f.shape)}"
             )
+    from lsm_train.surrogate import _labels_and_layout
+
     sizes = {name: f.shape[0] for name, f in feats.items()}
     first = next(iter(sizes))
-    y = check_labels(labels, sizes[first], name="labels",
-                     per=f"sample of the batch seen by layer {first!r}")
+    # validated on the features' device through the surrogate's label cache: the layers'
+    # soft_md_lsm calls then get this very tensor back and read nothing from it again
+    y, _ = _labels_and_layout(labels, sizes[first], feats[first].device, name="labels",
+                              per=f"sample of the batch seen by layer {first!r}")
     for name, n in sizes.items():
         if n != y.shape[0]:
             raise ValueError(

@@ -49,6 +49,7 @@ import contextlib
 import functools
 import itertools
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -378,45 +379,89 @@ class _Layout:
 
 
 _LAYOUTS: list[tuple[torch.Tensor, _Layout]] = []  # recent label vectors and their layouts
+# the label tensor object seen last: (weak reference, its _version, its layout)
+_SEEN: list[Any] = [None, None, None]
 
 
-def _cached_layout(labels: torch.Tensor) -> _Layout | None:
-    for lab, lay in _LAYOUTS:
-        if lab.shape == labels.shape and lab.device == labels.device and torch.equal(lab, labels):
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+def _seen_layout(labels: torch.Tensor) -> _Layout | None:
+    """Layout of the very tensor object seen last, not modified in place since (its version
+    counter unchanged). LSMLoss passes one label tensor for every layer of a batch: this
+    serves the later layers without comparing contents, which costs a host sync on a GPU."""
+    ref, version, lay = _SEEN
+    if ref is not None and ref() is labels and version is not None:
+        if _version(labels) == version:
             return lay
     return None
 
 
-def _layout(labels: torch.Tensor) -> _Layout:
-    """:class:`_Layout` of ``labels``, reused while the same label vector comes back (LSMLoss
-    scores several layers of one batch; a training loop often repeats its label order). A
-    hit needs equal contents (``torch.equal`` on a private copy), so it is always exact. Only
-    small batches (n² <= _DENSE_ELEMS) are kept, so the cache never holds large tensors."""
-    if labels.numel() ** 2 > _DENSE_ELEMS:
-        return _Layout(labels)
-    lay = _cached_layout(labels)
-    if lay is not None:
-        return lay
-    lay = _Layout(labels)
+def _remember(labels: torch.Tensor, lay: _Layout) -> None:
+    _SEEN[:] = weakref.ref(labels), _version(labels), lay
+
+
+def _match(labels: torch.Tensor) -> tuple[int, _Layout | None]:
+    """(min label, cached layout of a label vector with equal contents, or None) from one
+    host read for the minimum and all the comparisons (instead of one sync each)."""
+    same = [(lab, lay) for lab, lay in _LAYOUTS
+            if lab.shape == labels.shape and lab.device == labels.device]
+    probe = labels.min()[None]
+    if same:
+        equal = (torch.stack([lab for lab, _ in same]) == labels).all(1)
+        probe = torch.cat([probe, equal.to(probe.dtype)])
+    lowest, *flags = probe.tolist()
+    return lowest, next((lay for (_, lay), f in zip(same, flags, strict=True) if f), None)
+
+
+def _new_layout(labels: torch.Tensor) -> _Layout:
+    lay = _Layout(labels)  # torch.unique: a host sync (the number of classes is a shape)
     _LAYOUTS.insert(0, (labels.clone(), lay))
     del _LAYOUTS[4:]
     return lay
 
 
-def _labels_and_layout(y: Any, X: torch.Tensor) -> tuple[torch.Tensor, _Layout]:
-    """Validated labels of the rows of X and their layout. An int64 label tensor equal to a
-    cached one (validated when it was cached) is used as is: no second validation (which
-    costs a host sync) for the labels a training loop or LSMLoss passes again and again."""
+def _layout(labels: torch.Tensor) -> _Layout:
+    """:class:`_Layout` of validated ``labels``, reused while the same label vector comes back
+    (LSMLoss scores several layers of one batch; a training loop often repeats its label
+    order). A hit is the very tensor seen last, unmodified, or equal contents (compared with
+    a private copy), so it is always exact. Only small batches (n² <= _DENSE_ELEMS) are kept,
+    so the cache never holds large tensors."""
+    if labels.numel() ** 2 > _DENSE_ELEMS or labels.numel() == 0:
+        return _Layout(labels)
+    lay = _seen_layout(labels) or _match(labels)[1] or _new_layout(labels)
+    _remember(labels, lay)
+    return lay
+
+
+def _labels_and_layout(
+    y: Any, n: int, device: torch.device, *, name: str = "y", per: str = "row of H"
+) -> tuple[torch.Tensor, _Layout]:
+    """Validated int64 labels (n,) on ``device`` and their layout (``name``, ``per`` word the
+    errors, as in check_labels). An int64 label tensor of the right shape and device costs no
+    host read when it is the tensor seen last (validated then), else one read (its minimum and
+    the comparisons with the cached vectors) plus torch.unique's when it is new. Anything
+    else, and bad labels, go through :func:`check_labels`, which raises the detailed error."""
     if (
         isinstance(y, torch.Tensor)
         and y.dtype == torch.int64
-        and y.shape == X.shape[:1]
-        and y.device == X.device
+        and y.shape == (n,)
+        and y.device == device
+        and 0 < n * n <= _DENSE_ELEMS
     ):
-        lay = _cached_layout(y)
+        lay = _seen_layout(y)
+        if lay is None:
+            lowest, lay = _match(y)
+            if lowest >= 0 and lay is None:
+                lay = _new_layout(y)
         if lay is not None:
+            _remember(y, lay)
             return y, lay
-    labels = check_labels(y, X.shape[0], device=X.device)
+    labels = check_labels(y, n, device=device, name=name, per=per)
     return labels, _layout(labels)
 
 
@@ -892,11 +937,10 @@ def soft_md_lsm(
     X, m = _features(H, reduce)
     if m != 1.0:
         X = X / m
+    labels, lay = _labels_and_layout(y, X.shape[0], X.device)
     if crossfit:
-        labels = check_labels(y, X.shape[0], device=X.device)
         with _full_precision(X.device):
-            return _soft_md_lsm_crossfit(X, labels, tau, scheme, shrinkage, detach_directions)
-    labels, lay = _labels_and_layout(y, X)
+            return _soft_md_lsm_crossfit(X, lay, tau, scheme, shrinkage, detach_directions)
     with _full_precision(X.device):
         if lay.K >= 2 and not detach_directions and lay.n * lay.n <= _DENSE_ELEMS:
             grad = torch.is_grad_enabled() and X.requires_grad
@@ -940,14 +984,14 @@ def _soft_md_lsm_graph(
 
 def _soft_md_lsm_crossfit(
     X: torch.Tensor,
-    labels: torch.Tensor,
+    lay: _Layout,
     tau: float,
     scheme: str,
     shrinkage: float,
     detach_directions: bool = False,
 ) -> torch.Tensor:
     """2-fold cross-fitted S_τ (0-dim): fit on one half of each class, score the other."""
-    lay = _Layout(labels)
+    labels = lay.inverse  # class indices: the same halves and layouts as the labels
     big = [k for k in range(lay.K) if lay.counts[k] >= 2]
     if len(big) < 2:
         return (X * 0).sum() + 1.0

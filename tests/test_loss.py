@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from test_surrogate import count_syncs
 from torch import nn
 
 import lsm_train as lt
@@ -392,3 +393,24 @@ def test_loss_on_ddp_model(tmp_path):
     finally:
         if own:
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("new_labels", [False, True])
+def test_host_syncs_per_step(new_labels):
+    """Host syncs of one LSMLoss step (forward and backward) on 2 layers, n = 128, 10
+    classes: the same label tensor every step, or a new one (as from a data loader). Upper
+    bounds (see test_surrogate.count_syncs): lower them when a change removes a sync."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 256), nn.ReLU(),
+                          nn.Linear(256, 10))
+    reg = lt.LSMLoss(model, layers=["1", "3"])
+    x, y = torch.randn(128, 32), torch.arange(128) % 10
+
+    def step():
+        lab = y[torch.randperm(128)] if new_labels else y
+        (nn.functional.cross_entropy(model(x), lab) + reg(lab)).backward()
+
+    step()
+    with count_syncs() as calls:
+        step()
+    assert len(calls) <= (14 if new_labels else 11), calls

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +14,61 @@ from hypothesis import strategies as st
 
 import lsm_train.surrogate as sur
 from lsm_train.surrogate import fisher_directions, soft_md_lsm, soft_pair_score
+
+# --------------------------------------------------------------------------- host syncs
+
+# Tensor methods and torch functions that wait for an accelerator's queue to drain (a host
+# sync) when called on a GPU tensor: a value read to the host, or an output whose shape
+# depends on the data. Boolean-mask indexing (a nonzero inside) is counted as well.
+_SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero",
+                 "cpu", "numpy")
+_SYNC_FUNCTIONS = ("equal", "unique", "unique_consecutive", "nonzero", "argwhere",
+                   "masked_select")
+
+
+def _mask_index(t, index, *_):
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+
+
+@contextlib.contextmanager
+def count_syncs():
+    """Count the host-synchronising calls made inside the block, on any device (so on the
+    CPU too): yields a list that gets one "name at file:line" entry per call.
+
+    Works by patching the methods and functions above for the duration of the block (the
+    originals are restored on exit). A ``torch.overrides.TorchFunctionMode`` sees all of them
+    too, but it is not active inside autograd's backward (torch 2.13), so it would miss the
+    reads of a hand-written ``backward``. Calls made from C++ are not seen (none of these
+    are). Use ``len(calls)`` as the count and print ``calls`` to see where they come from."""
+    calls: list[str] = []
+
+    def counted(real, name, when):
+        @functools.wraps(real)
+        def wrapper(*args, **kwargs):
+            if when is None or when(*args):
+                caller = sys._getframe(1)
+                file = caller.f_code.co_filename.rsplit("/", 1)[-1]
+                calls.append(f"{name} at {file}:{caller.f_lineno}")
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    patches = [(torch.Tensor, n, None) for n in _SYNC_METHODS]
+    patches += [(torch, n, None) for n in _SYNC_FUNCTIONS]
+    patches += [(torch.Tensor, n, _mask_index) for n in ("__getitem__", "__setitem__")]
+    saved = [(owner, name, owner.__dict__.get(name)) for owner, name, _ in patches]
+    try:
+        for owner, name, when in patches:
+            setattr(owner, name, counted(getattr(owner, name), name, when))
+        yield calls
+    finally:
+        for owner, name, own in saved:
+            if own is None:  # inherited (from torch._C.TensorBase): drop the patch
+                delattr(owner, name)
+            else:
+                setattr(owner, name, own)
+
 
 # --------------------------------------------------------------------------- references
 
@@ -745,3 +804,47 @@ def test_bad_inputs():
         soft_pair_score(H[:3], H[3:, :2], torch.ones(3), 0.5)
     with pytest.raises(ValueError, match="tau"):
         soft_pair_score(H[:3], H[3:], torch.ones(3), 0.0)
+
+
+# Host syncs per call at n = 128, 10 classes, default options, the labels seen before (their
+# layout cached); "new labels": a label tensor never seen. Upper bounds: lower them when a
+# change removes a sync, never raise them without a reason.
+_MAX_SYNCS = {
+    ("in-sample", 512): (4, 5),  # (forward, forward + backward)
+    ("in-sample", 64): (5, 6),
+    ("crossfit", 512): (18, 18),
+    ("new labels", 512): (7, 8),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_MAX_SYNCS))
+def test_host_syncs_per_call(case):
+    kind, d = case
+    g = torch.Generator().manual_seed(0)
+    H = torch.randn(128, d, generator=g).requires_grad_(True)
+    y = torch.arange(128) % 10
+    soft_md_lsm(H, y).backward()  # caches the layout of y
+    labels = (lambda: y.clone()[torch.randperm(128, generator=g)]) if kind == "new labels" \
+        else (lambda: y)
+    crossfit = kind == "crossfit"
+    counts = []
+    for backward in (False, True):
+        lab = labels()
+        with count_syncs() as calls:
+            v = soft_md_lsm(H, lab, crossfit=crossfit)
+            if backward:
+                v.backward()
+        counts.append(calls)
+    assert all(len(c) <= m for c, m in zip(counts, _MAX_SYNCS[case], strict=True)), counts
+
+
+def test_count_syncs_sees_every_kind():
+    t = torch.tensor([1.0, 2.0])
+    with count_syncs() as calls:
+        t.sum().item(), t.tolist(), float(t[0]), int(t[0]), bool(t[0])
+        torch.equal(t, t), torch.unique(t), t.nonzero(), t.cpu(), t[t > 1]
+        t[0:1], t[torch.tensor([0])]  # not syncs: a slice, an integer index
+    names = [c.split()[0] for c in calls]
+    assert names == ["item", "tolist", "__float__", "__int__", "__bool__", "equal", "unique",
+                     "nonzero", "cpu", "__getitem__"], calls
+    assert torch.Tensor.item.__qualname__ != "count_syncs.<locals>.counted.<locals>.wrapper"
