@@ -113,13 +113,10 @@ def _full_precision(device: torch.device) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
 
-def _features(H: Any, reduce: str) -> tuple[torch.Tensor, float]:
-    """Validated (n, d) float features and a power of two ``m`` (1.0 unless max|H| is outside
-    [2^-24, 2^24]); the caller works on H / m, which keeps every sum of squares finite even for
-    huge finite features. S_τ is scale invariant and m is exact, so this changes nothing else.
-
-    One pass (aminmax) both finds max|H| and checks finiteness (NaN/inf propagate); only
-    a non-finite result runs the full :func:`check_points`, which raises the detailed error."""
+def _features(H: Any, reduce: str) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(n, d) float features of a valid shape and their (min, max) as 0-dim tensors, not read
+    yet: the caller reads it with its other values in one host sync and passes the numbers
+    to :func:`_scale`, which checks finiteness (NaN and inf propagate to min and max)."""
     t = to_tensor(H, "H")
     if not t.is_floating_point():
         t = _as_float(t)
@@ -127,13 +124,26 @@ def _features(H: Any, reduce: str) -> tuple[torch.Tensor, float]:
     if t.ndim != 2 or 0 in t.shape:
         t = check_points(t, "H")  # raises the shape error
     t = _as_float(t)
-    lo, hi = torch.aminmax(t.detach())  # NaN and inf propagate to them
-    top = max(-float(lo), float(hi))
+    return t, tuple(torch.aminmax(t.detach()))
+
+
+def _scale(t: torch.Tensor, lo: float, hi: float) -> float:
+    """A power of two ``m`` from the (min, max) of :func:`_features`: 1.0 unless max|H| is
+    outside [2^-24, 2^24]; the caller works on H / m, which keeps every sum of squares finite
+    even for huge finite features. S_τ is scale invariant and m is exact, so this changes
+    nothing else. A NaN or inf runs the full :func:`check_points`, which raises the error."""
+    top = max(-lo, hi)
     if not math.isfinite(top):
         check_points(t, "H")  # raises: NaN or inf in H
     if 0.0 < top and not (2.0**-24 <= top <= 2.0**24):
-        return t, math.ldexp(1.0, math.frexp(top)[1])
-    return t, 1.0
+        return math.ldexp(1.0, math.frexp(top)[1])
+    return 1.0
+
+
+def _scaled_features(H: Any, reduce: str) -> tuple[torch.Tensor, float]:
+    """Validated features and their scale m (:func:`_scale`), read at once (one host sync)."""
+    t, lohi = _features(H, reduce)
+    return t, _scale(t, *torch.stack(lohi).tolist())
 
 
 # --------------------------------------------------------------------------- linear algebra
@@ -146,19 +156,34 @@ def _factor(S: torch.Tensor) -> tuple[str, tuple[torch.Tensor, ...]]:
     row/column, [[S, 0], [0, 1]] = [[L, 0], [0, 1]][[L, 0], [0, 1]]ᵀ: the CPU LAPACK Cholesky
     is 2-4x slower at such orders (cache aliasing, measured 120 µs at 128 against 31 µs at
     129); the factor is the same."""
-    m = S.shape[-1]
-    if m % 128 == 0:
-        L, info = torch.linalg.cholesky_ex(torch.block_diag(S, S.new_ones(1, 1)))
-        L = L[:m, :m]
-    else:
-        L, info = torch.linalg.cholesky_ex(S)
+    L, info = _cholesky(S)
     if int(info) != 0:
         return "lu", torch.linalg.lu_factor(S)
     return "cholesky", (L,)
 
 
+def _cholesky(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, info) of :func:`_factor`'s Cholesky; ``info`` (0 = success) stays on the device."""
+    m = S.shape[-1]
+    if m % 128 == 0:
+        L, info = torch.linalg.cholesky_ex(torch.block_diag(S, S.new_ones(1, 1)))
+        return L[:m, :m], info
+    return torch.linalg.cholesky_ex(S)
+
+
 def _apply_factor(kind: str, F: tuple[torch.Tensor, ...], R: torch.Tensor) -> torch.Tensor:
     return torch.cholesky_solve(R, F[0]) if kind == "cholesky" else torch.linalg.lu_solve(*F, R)
+
+
+def _fast_factor(S: torch.Tensor, status: list | None) -> tuple[str, tuple[torch.Tensor, ...]]:
+    """:func:`_factor`, or with a ``status`` list the Cholesky factor alone, its ``info``
+    appended to ``status`` for the caller to read with its other values in one host sync
+    (and to redo with :func:`_factor`'s LU fallback in the rare case it is not 0)."""
+    if status is None:
+        return _factor(S)
+    L, info = _cholesky(S)
+    status.append(info)
+    return "cholesky", (L,)
 
 
 class _Gram(torch.autograd.Function):
@@ -281,6 +306,14 @@ class _Consts:
     @functools.cached_property
     def C(self) -> torch.Tensor:
         return self.lay.ovr_coefficients(self.dtype)
+
+    def alpha_weights(self, a1: float, a2: float) -> torch.Tensor:
+        """w (n + K) with α = w · diag([U; Mc][U; Mc]ᵀ) + const: a1 + a2 on the n rows of U,
+        a2 n_k on the K class means (cached per (a1, a2))."""
+        cache = self.__dict__.setdefault("_alpha", {})
+        if (a1, a2) not in cache:
+            cache[a1, a2] = torch.cat([self.cnt.new_full((self.lay.n,), a1 + a2), a2 * self.cnt])
+        return cache[a1, a2]
 
     def score_weights(self, scheme: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ip, w, ḡw) for the value from the block sums M = Yᵀ F Y (K × K).
@@ -555,7 +588,7 @@ def fisher_directions(
     """
     scheme = _check_scheme(scheme)
     shrinkage = _check_shrinkage(shrinkage)
-    X, m = _features(H, reduce)
+    X, m = _scaled_features(H, reduce)
     lay = _Layout(check_labels(y, X.shape[0], device=X.device))
     if lay.K < 2:
         raise ValueError(
@@ -706,7 +739,9 @@ class _FastSoft(torch.autograd.Function):
     recording a graph, and a hand-written adjoint backward that reuses the factorization and
     the forward's n × n intermediates. About 80 tensor ops in all instead of ~200 recorded
     ones: at training batch sizes the per-op overhead, not the arithmetic, is what costs.
-    α and ᾱ are taken as Python numbers (one host sync each on an accelerator).
+    α and ᾱ stay 0-dim tensors on the device and nothing is read to the host: with a list
+    ``status``, the Cholesky ``info`` is appended to it unread (the caller checks it with
+    its own reads, in one sync); without, :func:`_factor` checks it at once.
 
     Backward (ḡ: upstream scalar), in reverse order of the forward: M̄ = ∂value/∂M on the
     used entries of M = Yᵀ F Y; x̄ = (Y M̄ Yᵀ) ∘ σ'(x) on |x| < c; the projections P̄ and
@@ -722,11 +757,11 @@ class _FastSoft(torch.autograd.Function):
     derivatives stay exact."""
 
     @staticmethod
-    def forward(ctx, H, lay, scheme, shrinkage, tau, dual, grad=True):
+    def forward(ctx, H, lay, scheme, shrinkage, tau, dual, grad=True, status=None):
         n, d = H.shape
         dtype, K = H.dtype, lay.K
         k_ = lay.consts(dtype)
-        Y, YT, counts = k_.Y, k_.YT, lay.counts
+        Y, YT = k_.Y, k_.YT
         pairwise = scheme == "pairwise"
         # V = [U; Mc] (U = H − Y Mr within-class centred rows, Mc the class means about the
         # batch mean), written in place: the dual Gram and the backward's Z̄ take V in one op
@@ -741,20 +776,19 @@ class _FastSoft(torch.autograd.Function):
         if dual is None:
             dual = d > n
         Gu = None
+        # α = a1 ‖U‖² + a2 ‖Hc‖² + const, ‖Hc‖² = ‖U‖² + Σ_k n_k ‖Mc_k‖², stays a 0-dim tensor
+        # on the device (a Python float would cost a host sync on a GPU)
+        a1, a2 = shrinkage / (m * d), _RIDGE / (n * d)
         if dual:
             Gm = torch.mm(V, V.mT)
             Gu, MM = Gm[:n], Gm[n:, n:]  # Gu = U Vᵀ = [Ku B]
             Ku, B = Gu[:, :n], Gu[:, n:]
-            dg = Gm.diagonal().tolist()
-            ssu = math.fsum(dg[:n])
-            ss = ssu + math.fsum(ck * v for ck, v in zip(counts, dg[n:], strict=True))
+            alpha = torch.dot(Gm.diagonal(), k_.alpha_weights(a1, a2))
         else:
             MM = torch.mm(Mc, Mc.mT)
-            ssu = float(U.square().sum())
-            mm = MM.diagonal().tolist()
-            ss = ssu + math.fsum(ck * v for ck, v in zip(counts, mm, strict=True))
-        a1, a2 = shrinkage / (m * d), _RIDGE / (n * d)
-        alpha = ssu * a1 + ss * a2 + _RIDGE * eps**2
+            ssu = torch.dot(U.reshape(-1), U.reshape(-1))
+            alpha = torch.dot(MM.diagonal(), k_.alpha_weights(a1, a2)[n:]).add_(ssu, alpha=a1 + a2)
+        alpha.add_(_RIDGE * eps**2)
         kind, F, Z = "scalar", (), None
         if dual:
             if c == 0.0:
@@ -762,19 +796,19 @@ class _FastSoft(torch.autograd.Function):
             else:
                 Gd = Ku * c
                 Gd.diagonal().add_(alpha)
-                kind, F = _factor(Gd)
+                kind, F = _fast_factor(Gd, status)
                 Sol = _apply_factor(kind, F, B)
-            G = torch.addmm(MM, B.mT, Sol, beta=1.0 / alpha, alpha=-c / alpha)
+            G = torch.addmm(MM, B.mT, Sol, alpha=-c).div_(alpha)
             UZ = Sol  # U Z = (B − c Ku Sol) / α = Sol
             if grad:  # Z itself only enters the backward; kept as Zᵀ (K × d, the faster product)
-                Z = torch.addmm(Mc, Sol.mT, U, beta=1.0 / alpha, alpha=-c / alpha).mT
+                Z = torch.addmm(Mc, Sol.mT, U, alpha=-c).div_(alpha).mT
         else:
             if c == 0.0:
                 Z = Mc.mT / alpha
             else:
                 Sg = torch.mm(U.mT, U)
                 Sg.mul_(c).diagonal().add_(alpha)
-                kind, F = _factor(Sg)
+                kind, F = _fast_factor(Sg, status)
                 Z = _apply_factor(kind, F, Mc.mT.contiguous())
             G = torch.mm(Mc, Z)
             UZ = torch.mm(U, Z)
@@ -827,7 +861,7 @@ class _FastSoft(torch.autograd.Function):
             with torch.enable_grad():
                 v = _soft_md_lsm_graph(H, lay, scheme, ctx.shrinkage, ctx.tau, ctx.dual).mean()
             (gH,) = torch.autograd.grad(v, H, gv, create_graph=True)
-            return gH, None, None, None, None, None, None
+            return gH, None, None, None, None, None, None, None
         c, alpha, a1, a2, kind = ctx.consts
         n = H.shape[0]
         k_ = lay.consts(H.dtype)
@@ -868,17 +902,17 @@ class _FastSoft(torch.autograd.Function):
         else:
             gZ = torch.mm(Wg.mT, V).mT
             A = gZ / alpha if c == 0.0 else _apply_factor(kind, tuple(F), gZ)
-        galpha = -float((A * Z).sum())
+        galpha = (A * Z).sum()  # −ᾱ, a 0-dim tensor (no host read)
         # α = a1‖U‖² + a2 (‖U‖² + Σ_k n_k ‖Mc_k‖²) + const; H̄ = β U + [E1 E2 E3][Z A Mcᵀ]ᵀ
         # with E1 = (I − Yn Yᵀ) P̄ − c U A + Ync Ḡ', E2 = Ync − c U Z, E3 = β₂ Ync n_k
-        beta, beta2 = 2.0 * (a1 + a2) * galpha, 2.0 * a2 * galpha
+        beta, beta2 = galpha * (-2.0 * (a1 + a2)), galpha * (-2.0 * a2)
         E1 = torch.addmm(gP, k_.Ync, gG)
         E1.addmm_(k_.Yn, torch.mm(YT, gP), alpha=-1.0)
         if c != 0.0:
             E1.addmm_(*((Gu, Wg) if ctx.dual else (U, A)), alpha=-c)  # − c U A
         E = torch.cat([E1, torch.add(k_.Ync, UZ, alpha=-c), k_.Ycnt * beta2], 1)
-        gH = torch.addmm(U, E, torch.cat([Z.mT, A.mT, Mc]), beta=beta)
-        return gH, None, None, None, None, None, None
+        gH = torch.mm(E, torch.cat([Z.mT, A.mT, Mc])).addcmul_(U, beta)
+        return gH, None, None, None, None, None, None, None
 
 
 def _scores(
@@ -934,18 +968,29 @@ def soft_md_lsm(
     tau = _check_tau(tau)
     scheme = _check_scheme(scheme)
     shrinkage = _check_shrinkage(shrinkage)
-    X, m = _features(H, reduce)
-    if m != 1.0:
-        X = X / m
+    X, lohi = _features(H, reduce)
     labels, lay = _labels_and_layout(y, X.shape[0], X.device)
-    if crossfit:
+    fast = not crossfit and lay.K >= 2 and not detach_directions and lay.n**2 <= _DENSE_ELEMS
+    if not fast:
+        m = _scale(X, *torch.stack(lohi).tolist())
+        X = X / m if m != 1.0 else X
         with _full_precision(X.device):
-            return _soft_md_lsm_crossfit(X, lay, tau, scheme, shrinkage, detach_directions)
+            if crossfit:
+                return _soft_md_lsm_crossfit(X, lay, tau, scheme, shrinkage, detach_directions)
+            return _soft_md_lsm(X, labels, tau, scheme, shrinkage, detach_directions).mean()
+    grad = torch.is_grad_enabled() and X.requires_grad
     with _full_precision(X.device):
-        if lay.K >= 2 and not detach_directions and lay.n * lay.n <= _DENSE_ELEMS:
-            grad = torch.is_grad_enabled() and X.requires_grad
-            return _FastSoft.apply(X, lay, scheme, shrinkage, tau, None, grad)
-        return _soft_md_lsm(X, labels, tau, scheme, shrinkage, detach_directions).mean()
+        # compute first, check after: one host read of the call fetches min and max of X
+        # (finiteness, scale) with the Cholesky info, instead of a sync for each
+        status: list[torch.Tensor] = []
+        value = _FastSoft.apply(X, lay, scheme, shrinkage, tau, None, grad, status)
+        lo, hi, *info = torch.stack([*lohi, *status]).tolist()
+        m = _scale(X, lo, hi)  # raises on NaN or inf
+        if m != 1.0 or any(info):  # rare: features beyond [2^-24, 2^24] or Cholesky failed:
+            # redo on X / m, with _factor's synchronous LU fallback
+            value = _FastSoft.apply(X / m if m != 1.0 else X, lay, scheme, shrinkage, tau,
+                                    None, grad)
+        return value
 
 
 def _soft_md_lsm(

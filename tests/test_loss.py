@@ -413,4 +413,4 @@ def test_host_syncs_per_step(new_labels):
     step()
     with count_syncs() as calls:
         step()
-    assert len(calls) <= (14 if new_labels else 11), calls
+    assert len(calls) <= (4 if new_labels else 2), calls
