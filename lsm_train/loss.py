@@ -111,7 +111,7 @@ def _layer_weights(layer_weights: Any, names: list[str]) -> list[float]:
     return alphas
 
 
-def _labels(labels: Any, feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def _labels(labels: Any, feats: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
     for name, f in feats.items():
         if f.ndim < 2:
             raise ValueError(
@@ -121,9 +121,9 @@ def _labels(labels: Any, feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
     sizes = {name: f.shape[0] for name, f in feats.items()}
     first = next(iter(sizes))
-    # validated on the features' device through the surrogate's label cache: the layers'
-    # soft_md_lsm calls then get this very tensor back and read nothing from it again
-    y, _ = _labels_and_layout(labels, sizes[first], feats[first].device, name="labels",
+    # validated on the features' device through the surrogate's label cache; the layout is
+    # pinned while the layers are scored (_scores), so they read nothing from the labels again
+    y, lay = _labels_and_layout(labels, sizes[first], feats[first].device, name="labels",
                               per=f"sample of the batch seen by layer {first!r}")
     for name, n in sizes.items():
         if n != y.shape[0]:
@@ -131,7 +131,7 @@ def _labels(labels: Any, feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
                 f"labels: expected {n} labels, one per sample of the batch seen by "
                 f"layer {name!r}, got {y.shape[0]}"
             )
-    return y
+    return y, lay
 
 
 def _scores(
@@ -144,11 +144,27 @@ def _scores(
     reduce: str,
     crossfit: bool = False,
     nan_if_not_finite: bool = False,
+    layout: Any = None,
 ) -> dict[str, torch.Tensor]:
-    """{layer: S_l} (0-dim tensors attached to the graph).
+    """{layer: S_l} (0-dim tensors attached to the graph); ``layout``: that of ``y`` when the
+    caller has it (from :func:`_labels`).
 
     Non-finite features raise (soft_md_lsm's check) unless ``nan_if_not_finite``: then
     S_l = NaN, still attached to the graph, so a diverged model gives a NaN loss."""
+    from lsm_train.surrogate import _labels_and_layout, pinned_labels
+
+    if layout is None:
+        y, layout = _labels_and_layout(y, y.shape[0], y.device, name="labels")
+    with pinned_labels(y, layout):
+        return _layer_scores(feats, y, tau, scheme, shrinkage, detach_directions, reduce,
+                             crossfit, nan_if_not_finite)
+
+
+def _layer_scores(
+    feats: Mapping[str, torch.Tensor], y: torch.Tensor, tau: float, scheme: str,
+    shrinkage: float, detach_directions: bool, reduce: str, crossfit: bool,
+    nan_if_not_finite: bool,
+) -> dict[str, torch.Tensor]:
     from lsm_train.surrogate import soft_md_lsm
 
     out = {}
@@ -216,11 +232,11 @@ def lsm_loss(
         if not isinstance(f, torch.Tensor):
             raise ValueError(f"features[{name!r}]: expected a tensor, got {type(f).__name__}")
     alphas = _layer_weights(layer_weights, list(features))
-    y = _labels(labels, features)
+    y, lay = _labels(labels, features)
     if gather:
-        features, y = _gather(features, y, process_group)
+        (features, y), lay = _gather(features, y, process_group), None
     scores = _scores(features, y, tau, scheme, shrinkage, detach_directions, reduce,
-                     bool(crossfit))
+                     bool(crossfit), layout=lay)
     return weight * _combine(scores, alphas)
 
 
@@ -350,17 +366,17 @@ class LSMLoss(nn.Module):
                 f"(captured: {list(feats)})"
             )
         feats = {n: feats[n] for n in self.names}
-        y = _labels(labels, feats)
+        y, lay = _labels(labels, feats)
         world = 1
         if self.gather:
             from lsm_train.distributed import world_size
 
             world = world_size(self.process_group)
             if world > 1:
-                feats, y = _gather(feats, y, self.process_group)
+                (feats, y), lay = _gather(feats, y, self.process_group), None
         scores = _scores(
             feats, y, self.tau, self.scheme, self.shrinkage, self.detach_directions, self.reduce,
-            self.crossfit, nan_if_not_finite=True,
+            self.crossfit, nan_if_not_finite=True, layout=lay,
         )
         self.capture.clear()
         self._last = {n: s.detach() for n, s in scores.items()}

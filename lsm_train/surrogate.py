@@ -49,7 +49,6 @@ import contextlib
 import functools
 import itertools
 import math
-import weakref
 from typing import Any
 
 import torch
@@ -412,30 +411,28 @@ class _Layout:
 
 
 _LAYOUTS: list[tuple[torch.Tensor, _Layout]] = []  # recent label vectors and their layouts
-# the label tensor object seen last: (weak reference, its _version, its layout)
-_SEEN: list[Any] = [None, None, None]
+# (label tensor, its layout) while LSMLoss scores the layers of one batch; see pinned_labels
+_PINNED: list[Any] = [None, None]
 
 
-def _version(t: torch.Tensor) -> int | None:
+@contextlib.contextmanager
+def pinned_labels(labels: torch.Tensor, lay: _Layout) -> Any:
+    """Inside the block, this very ``labels`` object has layout ``lay``: LSMLoss scores every
+    layer of a batch with one validated label tensor that nothing can modify in between, so
+    the layers find its layout without comparing contents (a host sync on a GPU). Only
+    inside: across calls a tensor can be refilled in place without a version bump (through
+    a numpy view or ``.data``), so there the contents are compared."""
+    old = _PINNED[:]
+    _PINNED[:] = labels, lay
     try:
-        return t._version
-    except RuntimeError:  # inference tensors have no version counter
-        return None
+        yield
+    finally:
+        _PINNED[:] = old
 
 
 def _seen_layout(labels: torch.Tensor) -> _Layout | None:
-    """Layout of the very tensor object seen last, not modified in place since (its version
-    counter unchanged). LSMLoss passes one label tensor for every layer of a batch: this
-    serves the later layers without comparing contents, which costs a host sync on a GPU."""
-    ref, version, lay = _SEEN
-    if ref is not None and ref() is labels and version is not None:
-        if _version(labels) == version:
-            return lay
-    return None
-
-
-def _remember(labels: torch.Tensor, lay: _Layout) -> None:
-    _SEEN[:] = weakref.ref(labels), _version(labels), lay
+    tensor, lay = _PINNED
+    return lay if tensor is labels else None
 
 
 def _match(labels: torch.Tensor) -> tuple[int, _Layout | None]:
@@ -461,14 +458,12 @@ def _new_layout(labels: torch.Tensor) -> _Layout:
 def _layout(labels: torch.Tensor) -> _Layout:
     """:class:`_Layout` of validated ``labels``, reused while the same label vector comes back
     (LSMLoss scores several layers of one batch; a training loop often repeats its label
-    order). A hit is the very tensor seen last, unmodified, or equal contents (compared with
-    a private copy), so it is always exact. Only small batches (n² <= _DENSE_ELEMS) are kept,
+    order). A hit is the tensor pinned by :func:`pinned_labels` or equal contents (compared
+    with a private copy), so it is always exact. Only small batches (n² <= _DENSE_ELEMS) are kept,
     so the cache never holds large tensors."""
     if labels.numel() ** 2 > _DENSE_ELEMS or labels.numel() == 0:
         return _Layout(labels)
-    lay = _seen_layout(labels) or _match(labels)[1] or _new_layout(labels)
-    _remember(labels, lay)
-    return lay
+    return _seen_layout(labels) or _match(labels)[1] or _new_layout(labels)
 
 
 def _labels_and_layout(
@@ -476,9 +471,10 @@ def _labels_and_layout(
 ) -> tuple[torch.Tensor, _Layout]:
     """Validated int64 labels (n,) on ``device`` and their layout (``name``, ``per`` word the
     errors, as in check_labels). An int64 label tensor of the right shape and device costs no
-    host read when it is the tensor seen last (validated then), else one read (its minimum and
-    the comparisons with the cached vectors) plus torch.unique's when it is new. Anything
-    else, and bad labels, go through :func:`check_labels`, which raises the detailed error."""
+    host read when it is the pinned one (validated before pinning), else one read (its
+    minimum and the comparisons with the cached vectors) plus torch.unique's when it is
+    new. Anything else, and bad labels, go through :func:`check_labels`, which raises the
+    detailed error."""
     if (
         isinstance(y, torch.Tensor)
         and y.dtype == torch.int64
@@ -492,7 +488,6 @@ def _labels_and_layout(
             if lowest >= 0 and lay is None:
                 lay = _new_layout(y)
         if lay is not None:
-            _remember(y, lay)
             return y, lay
     labels = check_labels(y, n, device=device, name=name, per=per)
     return labels, _layout(labels)
