@@ -151,35 +151,24 @@ def _scores(
 
     Non-finite features raise (soft_md_lsm's check) unless ``nan_if_not_finite``: then
     S_l = NaN, still attached to the graph, so a diverged model gives a NaN loss."""
-    from lsm_train.surrogate import _labels_and_layout, pinned_labels
+    from lsm_train.surrogate import _labels_and_layout, pinned_labels, soft_md_lsm
 
     if layout is None:
         y, layout = _labels_and_layout(y, y.shape[0], y.device, name="labels")
-    with pinned_labels(y, layout):
-        return _layer_scores(feats, y, tau, scheme, shrinkage, detach_directions, reduce,
-                             crossfit, nan_if_not_finite)
-
-
-def _layer_scores(
-    feats: Mapping[str, torch.Tensor], y: torch.Tensor, tau: float, scheme: str,
-    shrinkage: float, detach_directions: bool, reduce: str, crossfit: bool,
-    nan_if_not_finite: bool,
-) -> dict[str, torch.Tensor]:
-    from lsm_train.surrogate import soft_md_lsm
-
     out = {}
-    for name, f in feats.items():
-        if f.dtype in (torch.float16, torch.bfloat16):
-            f = f.float()
-        try:  # soft_md_lsm turns autocast off itself and checks finiteness in its own pass
-            out[name] = soft_md_lsm(
-                f, y, tau, scheme=scheme, shrinkage=shrinkage,
-                detach_directions=detach_directions, reduce=reduce, crossfit=crossfit,
-            )
-        except ValueError:
-            if not nan_if_not_finite or bool(torch.isfinite(f).all()):
-                raise
-            out[name] = f.sum() * float("nan")  # still attached to the graph
+    with pinned_labels(y, layout):
+        for name, f in feats.items():
+            if f.dtype in (torch.float16, torch.bfloat16):
+                f = f.float()
+            try:  # soft_md_lsm turns autocast off itself and checks finiteness in its own pass
+                out[name] = soft_md_lsm(
+                    f, y, tau, scheme=scheme, shrinkage=shrinkage,
+                    detach_directions=detach_directions, reduce=reduce, crossfit=crossfit,
+                )
+            except ValueError:
+                if not nan_if_not_finite or bool(torch.isfinite(f).all()):
+                    raise
+                out[name] = f.sum() * float("nan")  # still attached to the graph
     return out
 
 
