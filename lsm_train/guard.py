@@ -431,10 +431,14 @@ class SeparabilityGuard(torch.optim.Optimizer):
                 else:
                     saved[k] = (copy.deepcopy(v), None)
             saved_state[owner] = saved
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        groups = self._group_hyperparameters()
         _copy_all(dst, src)
         n = len(params)
         self._saved = (list(zip(src[:n], dst[:n], strict=True)), saved_state, groups)
+
+    def _group_hyperparameters(self) -> list[dict[str, Any]]:
+        """Every param group's entries but ``params`` (what a rejection puts back)."""
+        return [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
 
     def _restore(self, groups_too: bool = True) -> None:
         param_pairs, saved_state, groups = self._saved
@@ -647,7 +651,7 @@ class SeparabilityGuard(torch.optim.Optimizer):
                 buf.copy_(v)
                 saved[k] = (target, buf)
             saved_state[owner] = saved
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        groups = self._group_hyperparameters()
         self._saved = (param_pairs, saved_state, groups)
         self._window_before = float(payload["before"])
 
