@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import types
 
@@ -335,26 +336,15 @@ def test_match_modules_globs_stay_within_a_segment():
         match_modules(model, "layer*")
 
 
-def test_missing_torchvision_names_the_extra():
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("torchvision is installed; the error path cannot be reached")
-    with pytest.raises(ImportError, match=r"pip install lsm_train\[vision\]"):
-        create_model("torchvision:resnet18")
-
-
-def test_missing_timm_names_the_extra():
-    try:
-        import timm  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("timm is installed")
-    with pytest.raises(ImportError, match=r"timm is not installed.*pip install"):
-        create_model("timm:resnet18")
+@pytest.mark.parametrize("package,message", [
+    ("torchvision", r"pip install lsm_train\[vision\]"),
+    ("timm", r"timm is not installed.*pip install"),
+])
+def test_missing_package_names_the_extra(package, message):
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed; the error path cannot be reached")
+    with pytest.raises(ImportError, match=message):
+        create_model(f"{package}:resnet18")
 
 
 def test_real_torchvision_resnet18():

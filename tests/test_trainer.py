@@ -155,27 +155,27 @@ def test_device_is_chosen_automatically(tmp_path):
 
 def test_schedules():
     p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=1.0)
-    sch = build_scheduler(opt, {"name": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1}, 12)
-    lrs = []
-    for _ in range(12):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sch.step()
-    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
+
+    def lrs(cfg: dict, total: int, steps: int) -> list[float]:
+        """The lr of each of the first ``steps`` steps under the schedule ``cfg``."""
+        opt = torch.optim.SGD([p], lr=1.0)
+        sch = build_scheduler(opt, cfg, total)
+        seen = []
+        for _ in range(steps):
+            seen.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sch.step()
+        return seen
+
+    cosine = lrs({"name": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1}, 12, 12)
+    assert cosine[0] == pytest.approx(0.5) and cosine[1] == pytest.approx(1.0)
     expect = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 10)) for s in range(2, 12)]
-    assert lrs[2:] == pytest.approx(expect)
-    opt2 = torch.optim.SGD([p], lr=1.0)
-    sch2 = build_scheduler(opt2, {"name": "step", "step_size": 3, "gamma": 0.5}, 9)
-    seen = []
-    for _ in range(7):
-        seen.append(opt2.param_groups[0]["lr"])
-        opt2.step()
-        sch2.step()
-    assert seen == pytest.approx([1, 1, 1, 0.5, 0.5, 0.5, 0.25])
-    assert build_scheduler(opt, {"name": "none"}, 10) is None
+    assert cosine[2:] == pytest.approx(expect)
+    step = lrs({"name": "step", "step_size": 3, "gamma": 0.5}, 9, 7)
+    assert step == pytest.approx([1, 1, 1, 0.5, 0.5, 0.5, 0.25])
+    assert build_scheduler(torch.optim.SGD([p], lr=1.0), {"name": "none"}, 10) is None
     with pytest.raises(ValueError, match="sched.name"):
-        build_scheduler(opt, {"name": "bogus"}, 10)
+        build_scheduler(torch.optim.SGD([p], lr=1.0), {"name": "bogus"}, 10)
 
 
 def test_augment_batch_flips_and_translates():
