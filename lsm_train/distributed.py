@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -149,8 +150,11 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool
 
 def destroy() -> None:
     """Tear the default group down after a barrier: a rank that destroys its group while a
-    peer's last message is still in flight can abort at exit (gloo's worker threads)."""
+    peer's last message is still in flight can abort at exit (gloo's worker threads). A
+    garbage collection first frees unreachable holders of the group (a DDP reducer in a
+    reference cycle), so the group is not finalized during interpreter shutdown."""
     if is_initialized():
+        gc.collect()
         dist = _dist()
         try:
             dist.barrier()
