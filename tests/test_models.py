@@ -94,6 +94,12 @@ def digits():
     return X, torch.tensor(y)
 
 
+# (Adam lr, steps) per family, chosen so that the smallest loss drop seen over seeds 0-3 is
+# at least 2x the 0.15 the test asks for: the test must not sit on the edge of CPU numerics
+# (AlexNet at lr 1e-2 dropped 0.2 on one machine and 0.13 on another).
+_SHORT_TRAINING = {"alexnet": (1e-3, 40), "vit": (1e-3, 80), "dbn": (1e-2, 80)}
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_short_training_on_digits_lowers_loss(name, digits):
     X, y = digits
@@ -102,9 +108,10 @@ def test_short_training_on_digits_lowers_loss(name, digits):
     Xe, ye = X[:256], y[:256]
     with torch.no_grad():
         before = F.cross_entropy(model(Xe), ye).item()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    lr, steps = _SHORT_TRAINING.get(name, (1e-2, 40))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(0)
-    for _ in range(40):
+    for _ in range(steps):
         idx = torch.randint(0, X.shape[0], (32,), generator=g)
         opt.zero_grad()
         F.cross_entropy(model(X[idx]), y[idx]).backward()

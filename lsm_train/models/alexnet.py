@@ -8,6 +8,8 @@ The 3x3 stride-2 max pools (padding 1) are skipped once the map is 1 pixel wide;
 adaptive average pool to at most 2x2 feeds the classifier.
 Hidden layers: ``features.conv<i>.act`` (i = 1..5), ``classifier.act1``, ``classifier.act2``.
 
+Weights use He (fan-in, ReLU) initialisation, biases start at zero.
+
 GPU scale: ``width=64, fc_width=4096, dropout=0.5`` (the original sizes).
 """
 
@@ -64,6 +66,16 @@ class AlexNet(nn.Module):
         ))
         self.hidden_layers = [f"features.conv{i}.act" for i in range(1, 6)]
         self.hidden_layers += ["classifier.act1", "classifier.act2"]
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # He (fan-in, ReLU) init: PyTorch's default shrinks the signal by about 1/3 per
+        # layer, so without batchnorm the seven ReLU layers start near zero and barely learn.
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.flatten(self.pool(self.features(x))))
