@@ -3,8 +3,9 @@
 A run folder's ``metrics.jsonl`` holds one JSON object per logged step, for example
 ``{"step": 40, "epoch": 1, "train/loss": 0.31, "train/acc": 0.93, "val/acc": 0.91,
 "probe/acc": 0.94, "lsm/fc1": 0.97, "val_lsm/fc1": 0.95, "lsm/mean": 0.97,
-"guard/accept_rate": 0.9, "time/elapsed_s": 12.5}``. The writer (:func:`encode_record`) and
-every reader (:func:`read_metrics`) go through this module, so the names live in one place.
+"guard/accept_rate": 0.9, "time/elapsed_s": 12.5}``. The writer (:func:`to_record`,
+:func:`encode_record`) and every reader (:func:`read_metrics`) go through this module, so the
+names live in one place.
 Non-finite numbers are written as ``null`` (NaN) or ±1e308 (±inf). The reader is tolerant:
 blank lines are ignored and a line that is not a JSON object (a killed run's truncated last
 line) is dropped with a warning. See ``docs/app.md`` (run folder) and ``docs/report.md``.
@@ -26,7 +27,7 @@ __all__ = [
     "AGGREGATES", "LSM_MEAN", "VAL_LSM_MEAN", "GUARD_ACCEPT_RATE", "GUARD_ACCEPTED",
     "GUARD_REJECTED", "GUARD_CHECKS", "TIME_ELAPSED", "TIME_TRAIN", "TIME_MONITOR",
     "SCALARS", "PREFIXES", "is_schema_key", "layer_key", "layer_of", "layer_names", "to_float",
-    "encode_record", "read_metrics",
+    "to_record", "encode_record", "read_metrics",
 ]
 
 METRICS_FILE = "metrics.jsonl"
@@ -122,11 +123,17 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def encode_record(metrics: Mapping[str, Any], step: int) -> str:
-    """One ``metrics.jsonl`` line (with its newline): ``step`` first, then ``metrics``."""
-    record = {STEP: int(step)}
+def to_record(metrics: Mapping[str, Any], step: int) -> dict[str, Any]:
+    """The record of one logged step: ``step`` first, then ``metrics`` as JSON values
+    (tensors and numpy scalars as numbers, NaN as ``None``, ±inf as ±1e308)."""
+    record: dict[str, Any] = {STEP: int(step)}
     record.update({k: _jsonable(v) for k, v in metrics.items() if k != STEP})
-    return json.dumps(record) + "\n"
+    return record
+
+
+def encode_record(metrics: Mapping[str, Any], step: int) -> str:
+    """One ``metrics.jsonl`` line (with its newline): :func:`to_record` as JSON."""
+    return json.dumps(to_record(metrics, step)) + "\n"
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -328,6 +328,16 @@ def test_logging_and_progress_keys_are_not_settings(tmp_path):
     assert [r.name for r in group.runs] == ["0", "1"]
 
 
+def test_configs_with_only_a_seed_and_a_run_without_overrides(tmp_path):
+    rows = lockstep_rows(ACC)
+    write_run(tmp_path / "s" / "0", rows, overrides=[], config={"seed": 0})
+    write_run(tmp_path / "s" / "1", rows, overrides=["seed=1"], config={"seed": 1})
+    write_run(tmp_path / "s" / "2", rows, overrides=["lsm=loss"], config={"seed": 0, "lsm": 1})
+    groups = report.group_runs(report.load_runs(tmp_path / "s"))
+    assert [(g.label, [r.name for r in g.runs]) for g in groups] == [
+        ("(no overrides)", ["0", "1"]), ("lsm=loss", ["2"])]
+
+
 def test_broad_folder_is_searched_only_for_real_run_folders_near_the_top(tmp_path):
     rows = lockstep_rows(ACC)
     write_run(tmp_path / "sweep" / "0", rows, overrides=["seed=0"])  # depth 2: found

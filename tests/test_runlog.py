@@ -22,6 +22,7 @@ def test_encode_record_puts_step_first_and_makes_values_json():
     assert list(record)[0] == "step" and record["step"] == 7
     assert record == {"step": 7, "train/acc": 0.5, "lsm/fc1": 0.75, "val/acc": None,
                       "time/elapsed_s": 1e308, "lsm/fc2": -1e308}
+    assert runlog.to_record({"val/acc": math.nan}, step=3) == {"step": 3, "val/acc": None}
 
 
 def test_reader_round_trips_and_accepts_the_run_folder(tmp_path):

@@ -5,7 +5,8 @@ that do not change what is trained (:data:`NOT_SETTINGS`: the seed, resume, tags
 progress bars and plots). A run without a config falls back to its overrides minus the seed,
 and a run without either is its own setting. A setting's label is the overrides that differ
 between settings, or, where those do not tell two settings apart (a recipe edited between
-runs), the config values that do. See ``docs/report.md``.
+runs), the config values that do; a setting without overrides among others is
+"(no overrides)". See ``docs/report.md``.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def _setting_overrides(run: Run) -> list[str]:
 def _key(run: Run) -> tuple[str, ...]:
     if run.config is not None:
         flat = flatten_config(run.config)
-        return tuple(f"{k}={v}" for k, v in sorted(flat.items()) if _is_setting(k))
+        return ("config:",) + tuple(f"{k}={v}" for k, v in sorted(flat.items())
+                                    if _is_setting(k))
     if run.overrides or (run.path / ".hydra" / "overrides.yaml").is_file():
         return ("overrides:",) + tuple(sorted(_setting_overrides(run)))
     return ("run:" + run.name,)
@@ -92,7 +94,7 @@ def _labels(groups: list[tuple[tuple[str, ...], list[Run]]]) -> list[str]:
         elif len(groups) == 1:
             labels.append(" ".join(first) or "all")
         else:
-            labels.append(" ".join(o for o in first if o not in common) or "all")
+            labels.append(" ".join(o for o in first if o not in common) or "(no overrides)")
     if len(set(labels)) == len(labels):
         return labels
     keys = [set(key) for key, _ in groups]
@@ -102,7 +104,7 @@ def _labels(groups: list[tuple[tuple[str, ...], list[Run]]]) -> list[str]:
         differing = [item for item in key if item not in shared]
         extra = " ".join(differing[:MAX_LABEL_VALUES]) or "fewer config keys"
         extra += " …" if len(differing) > MAX_LABEL_VALUES else ""
-        out.append(f"{label} [{extra}]" if label != "all" else f"[{extra}]")
+        out.append(f"[{extra}]" if label in ("all", "(no overrides)") else f"{label} [{extra}]")
     return out
 
 

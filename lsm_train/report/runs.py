@@ -208,8 +208,9 @@ def find_run_folders(folder: Path, max_depth: int = MAX_DEPTH) -> tuple[list[Pat
     """(run folders below ``folder``, in natural order; how many ``metrics.jsonl`` were
     skipped because their folder has no ``.hydra/config.yaml``).
 
-    Searches at most ``max_depth`` levels down, does not follow links, skips hidden folders
-    and ``report`` folders, and does not look inside a run folder.
+    Searches at most ``max_depth`` levels down, does not follow links (``os.walk``'s
+    default), skips hidden folders and ``report`` folders, and does not look inside a run
+    folder.
     """
     runs, skipped = [], 0
     root_depth = len(folder.parts)
@@ -223,8 +224,7 @@ def find_run_folders(folder: Path, max_depth: int = MAX_DEPTH) -> tuple[list[Pat
             skipped += 1
         if len(here_path.parts) - root_depth >= max_depth:
             dirs[:] = []
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "report"
-                   and not (here_path / d).is_symlink()]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "report"]
     return sorted(runs, key=_natural_key), skipped
 
 
