@@ -75,3 +75,9 @@ def test_the_link_checker_sees_links_and_anchors():
     assert "docs/math.md#cross-fitting" in _internal_links(REPO / "README.md")
     assert "cross-fitting" in _anchors(DOCS / "math.md")
     assert "soft-md-lsm" in _anchors(DOCS / "math.md")
+
+
+def test_readme_stays_short_and_nothing_cites_the_design_file():
+    assert len((REPO / "README.md").read_text().splitlines()) <= 300
+    for path in PAGES + TOP_LEVEL:
+        assert "DESIGN §" not in path.read_text(), f"{path.name} cites DESIGN; cite docs/ instead"
