@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test test-all bench lint clean
+.PHONY: setup run test test-all bench lint docs clean
 
 setup: $(STAMP)
 
@@ -33,5 +33,8 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lsm_train tests bench
 
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) outputs multirun wandb *.egg-info
+	rm -rf $(VENV) outputs multirun wandb site *.egg-info

@@ -1,58 +1,65 @@
-"""End-of-run outputs: ``summary.png`` and a terminal summary table, from ``metrics.jsonl``.
+"""End-of-run outputs of the app: ``summary.png`` and a terminal summary, from ``metrics.jsonl``.
 
 The PNG has two panels against the step: the cross-fitted MD-LSM of every hidden layer on
-the training probe (solid) and on the test set (dashed), and the train/val accuracy.
-The table lists, per layer, the MD-LSM at the first and the last monitor step, then the
-final accuracies, the step count, the wall time and, with the guard, its acceptance rate.
+the training probe (solid) and on the test set (dashed), and the train/probe/val accuracy.
+The text lists, per layer, the MD-LSM at the first and the last monitor step, then the final
+accuracies, the step count, the wall time and, with the guard, its acceptance rate.
+Records are read through :mod:`lsm_train.runlog`; ``lsm-report`` draws its per-run panels
+with :func:`draw_layers` too. See ``docs/app.md`` (run folder).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lsm_train.tracking import read_metrics
+from lsm_train import runlog
 
-__all__ = ["plot_run", "summary_table", "layer_names"]
-
-
-def layer_names(records: list[dict[str, Any]]) -> list[str]:
-    """Layer names in first-seen order of the ``lsm/<layer>`` keys (``lsm/mean`` excluded)."""
-    names: dict[str, None] = {}
-    for r in records:
-        for k in r:
-            if k.startswith("lsm/") and k != "lsm/mean":
-                names.setdefault(k[4:], None)
-    return list(names)
+__all__ = ["series", "draw_layers", "summary_png", "summary_text", "plot_run", "summary_table"]
 
 
-def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+def series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of ``key`` over the records where it is a finite number (the record
+    index stands in for a missing ``step``)."""
     xs, ys = [], []
-    for r in records:
-        v = r.get(key)
-        if v is not None:
-            xs.append(r["step"])
-            ys.append(v)
+    for i, record in enumerate(records):
+        value = runlog.to_float(record.get(key))
+        if math.isfinite(value):
+            xs.append(runlog.to_float(record.get(runlog.STEP, i)))
+            ys.append(value)
     return xs, ys
 
 
-def plot_run(metrics: str | Path, out: str | Path, *, title: str = "") -> Path:
-    """Write the two-panel summary PNG of a run to ``out`` and return its path."""
+def draw_layers(ax, records: Sequence[dict[str, Any]], *, test: bool = False,
+                **style: Any) -> list[str]:
+    """Plot ``lsm/<layer>`` of every layer on ``ax`` (one colour each; with ``test=True``
+    also ``val_lsm/<layer>``, dashed, same colour). Returns the layer names."""
+    import matplotlib.pyplot as plt
+
+    layers = runlog.layer_names(records, runlog.LSM)
+    cmap = plt.get_cmap("viridis")
+    for i, name in enumerate(layers):
+        color = cmap(i / max(1, len(layers) - 1))
+        ax.plot(*series(records, runlog.LSM + name), color=color, label=name, **style)
+        if test:
+            xs, ys = series(records, runlog.VAL_LSM + name)
+            if xs:
+                ax.plot(xs, ys, color=color, linestyle="--", alpha=0.7)
+    return layers
+
+
+def summary_png(metrics: str | Path, out: str | Path, *, title: str = "") -> Path:
+    """Write the two-panel summary PNG of a run (``metrics.jsonl`` or its folder) to ``out``."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    records = read_metrics(metrics)
-    layers = layer_names(records)
+    records = runlog.read_metrics(metrics)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    cmap = plt.get_cmap("viridis")
-    for i, name in enumerate(layers):
-        color = cmap(i / max(1, len(layers) - 1))
-        ax1.plot(*_series(records, f"lsm/{name}"), color=color, label=name)
-        xs, ys = _series(records, f"val_lsm/{name}")
-        if xs:
-            ax1.plot(xs, ys, color=color, linestyle="--", alpha=0.7)
+    layers = draw_layers(ax1, records, test=True)
     ax1.set_xlabel("step")
     ax1.set_ylabel("MD-LSM (cross-fitted)")
     ax1.set_title("hidden-layer separability (solid: train probe, dashed: test)")
@@ -60,8 +67,9 @@ def plot_run(metrics: str | Path, out: str | Path, *, title: str = "") -> Path:
         ax1.legend(fontsize=7, loc="lower right")
     else:
         ax1.text(0.5, 0.5, "monitor off", ha="center", va="center", transform=ax1.transAxes)
-    for key, style in (("train/acc", "-"), ("probe/acc", ":"), ("val/acc", "--")):
-        xs, ys = _series(records, key)
+    for key, style in ((runlog.TRAIN_ACC, "-"), (runlog.PROBE_ACC, ":"),
+                       (runlog.VAL_ACC, "--")):
+        xs, ys = series(records, key)
         if xs:
             ax2.plot(xs, ys, style, label=key)
     ax2.set_xlabel("step")
@@ -82,19 +90,19 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def summary_table(metrics: str | Path, result: Any = None) -> str:
-    """A plain-text table of the run (per-layer MD-LSM first/last, final accuracies)."""
-    records = read_metrics(metrics)
+def summary_text(metrics: str | Path, result: Any = None) -> str:
+    """A plain-text summary of the run (per-layer MD-LSM first/last, final accuracies)."""
+    records = runlog.read_metrics(metrics)
     if not records:
         return "(no metrics logged)"
-    layers = layer_names(records)
+    layers = runlog.layer_names(records, runlog.LSM)
     lines = []
     if layers:
         w = max(12, max(len(n) for n in layers))
         lines.append(f"{'layer':<{w}}  {'lsm first':>9}  {'lsm last':>9}  {'val_lsm last':>12}")
         for name in layers:
-            _, ys = _series(records, f"lsm/{name}")
-            _, vs = _series(records, f"val_lsm/{name}")
+            _, ys = series(records, runlog.LSM + name)
+            _, vs = series(records, runlog.VAL_LSM + name)
             lines.append(
                 f"{name:<{w}}  {_fmt(ys[0] if ys else None):>9}  {_fmt(ys[-1] if ys else None):>9}"
                 f"  {_fmt(vs[-1] if vs else None):>12}"
@@ -102,13 +110,19 @@ def summary_table(metrics: str | Path, result: Any = None) -> str:
     last: dict[str, Any] = {}
     for r in records:
         last.update(r)
-    facts = [("step", last.get("step")), ("epoch", last.get("epoch"))]
-    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "guard/accept_rate"):
+    facts = [("step", last.get(runlog.STEP)), ("epoch", last.get(runlog.EPOCH))]
+    for key in (runlog.TRAIN_LOSS, runlog.TRAIN_ACC, runlog.VAL_LOSS, runlog.VAL_ACC,
+                runlog.GUARD_ACCEPT_RATE):
         if key in last:
             facts.append((key, last[key]))
-    if "time/elapsed_s" in last:
-        facts.append(("wall time (s)", round(float(last["time/elapsed_s"]), 1)))
+    if runlog.TIME_ELAPSED in last:
+        facts.append(("wall time (s)", round(float(last[runlog.TIME_ELAPSED]), 1)))
     if result is not None:
         facts.append(("status", result.status))
     lines.append("  ".join(f"{k}={_fmt(v)}" for k, v in facts))
     return "\n".join(lines)
+
+
+# The names app.py imports today; app.py switches to summary_png / summary_text at merge.
+plot_run = summary_png
+summary_table = summary_text

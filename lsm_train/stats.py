@@ -20,6 +20,7 @@ noise around its plateau.
 
 Sweep summaries: ``mean_std`` gives the mean and the sample standard deviation (ddof=1) over
 seeds, ignoring NaN entries; the std of a single value is NaN (shown as the mean alone).
+Definitions: ``docs/math.md`` (synchronicity); the report's use of them: ``docs/report.md``.
 """
 
 from __future__ import annotations

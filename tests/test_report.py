@@ -12,14 +12,31 @@ import numpy as np
 import pytest
 from scipy.stats import rankdata
 
-from lsm_train import report, stats
+from lsm_train import report, runlog, stats
 
 # ------------------------------------------------------------------------------------------
 # helpers: synthetic run folders in the metrics.jsonl format of the trainer
 
 
+def config_of(overrides: list[str], base: dict | None = None) -> dict:
+    """The config Hydra would compose: ``base`` with each ``a.b=v`` override applied."""
+    config = json.loads(json.dumps(base or {"seed": 0, "model": {"name": "mlp"}}))
+    for override in overrides:
+        key, value = override.lstrip("+~").split("=", 1)
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return config
+
+
 def write_run(folder: Path, rows: list[dict], overrides: list[str] | None = None,
-              tail: str | None = None) -> Path:
+              tail: str | None = None, config: dict | None = None) -> Path:
+    """A run folder; with ``overrides`` also ``.hydra/overrides.yaml`` and ``config.yaml``
+    (``config``, or the overrides applied to a base config)."""
+    import yaml
+
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "metrics.jsonl", "w") as f:
         for row in rows:
@@ -31,7 +48,8 @@ def write_run(folder: Path, rows: list[dict], overrides: list[str] | None = None
         (folder / ".hydra" / "overrides.yaml").write_text(
             "".join(f"- {o}\n" for o in overrides)
         )
-        (folder / ".hydra" / "config.yaml").write_text("seed: 0\n")
+        (folder / ".hydra" / "config.yaml").write_text(
+            yaml.safe_dump(config if config is not None else config_of(overrides)))
     return folder
 
 
@@ -180,7 +198,7 @@ def test_malformed_middle_line_skipped(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0, "train/acc": 0.1}\nnot json\n[1, 2]\n{"step": 1}\n')
     with pytest.warns(UserWarning) as caught:
-        records = report.read_metrics(path)
+        records = runlog.read_metrics(path)
     messages = " ".join(str(w.message) for w in caught)
     assert "malformed line (line 2)" in messages and "line 3: not a JSON object" in messages
     assert [r["step"] for r in records] == [0, 1]
@@ -218,7 +236,7 @@ def make_sweep(root: Path) -> Path:
             rows = lockstep_rows(acc, sign=1.0 if act == "relu" else -1.0)
             for i, row in enumerate(rows):
                 row["val/acc"] = final
-                row["time/elapsed"] = 10.0 * (seed + 1) * (i + 1) / len(rows)
+                row["time/elapsed_s"] = 10.0 * (seed + 1) * (i + 1) / len(rows)
                 if act == "relu":
                     row["guard/accept_rate"] = 0.5 + 0.1 * seed
             write_run(root / str(job), rows,
@@ -286,6 +304,70 @@ def test_single_setting_label_keeps_command_line_order(tmp_path):
     assert group.label == "recipe=paper/width model.kwargs.width=8"
 
 
+def test_grouping_uses_the_real_config_not_the_override_string(tmp_path):
+    """Same overrides, different configs (a recipe edited between runs): two settings,
+    labelled by the config value that differs; same config, other seed: one setting."""
+    rows = lockstep_rows(ACC)
+    for name, weight, seed in (("0", 0.1, 0), ("1", 0.1, 1), ("2", 0.3, 0)):
+        overrides = ["lsm=loss", f"seed={seed}"]
+        config = {"seed": seed, "lsm": {"mode": "loss", "weight": weight}}
+        write_run(tmp_path / "s" / name, rows, overrides=overrides, config=config)
+    groups = report.group_runs(report.load_runs(tmp_path / "s"))
+    assert [[r.name for r in g.runs] for g in groups] == [["0", "1"], ["2"]]
+    assert [g.label for g in groups] == ["[lsm.weight=0.1]", "[lsm.weight=0.3]"]
+
+
+def test_logging_and_progress_keys_are_not_settings(tmp_path):
+    rows = lockstep_rows(ACC)
+    base = {"seed": 0, "model": {"name": "mlp"}, "trainer": {"progress": True, "epochs": 2}}
+    write_run(tmp_path / "s" / "0", rows, overrides=["seed=0"], config=base)
+    other = {**base, "seed": 1, "trainer": {"progress": False, "epochs": 2},
+             "logger": {"mode": "offline"}, "tags": ["x"]}
+    write_run(tmp_path / "s" / "1", rows, overrides=["seed=1"], config=other)
+    (group,) = report.group_runs(report.load_runs(tmp_path / "s"))
+    assert [r.name for r in group.runs] == ["0", "1"]
+
+
+def test_configs_with_only_a_seed_and_a_run_without_overrides(tmp_path):
+    rows = lockstep_rows(ACC)
+    write_run(tmp_path / "s" / "0", rows, overrides=[], config={"seed": 0})
+    write_run(tmp_path / "s" / "1", rows, overrides=["seed=1"], config={"seed": 1})
+    write_run(tmp_path / "s" / "2", rows, overrides=["lsm=loss"], config={"seed": 0, "lsm": 1})
+    groups = report.group_runs(report.load_runs(tmp_path / "s"))
+    assert [(g.label, [r.name for r in g.runs]) for g in groups] == [
+        ("(no overrides)", ["0", "1"]), ("lsm=loss", ["2"])]
+
+
+def test_broad_folder_is_searched_only_for_real_run_folders_near_the_top(tmp_path):
+    rows = lockstep_rows(ACC)
+    write_run(tmp_path / "sweep" / "0", rows, overrides=["seed=0"])  # depth 2: found
+    write_run(tmp_path / "a" / "b" / "c" / "d" / "run", rows, overrides=["seed=0"])  # depth 5
+    write_run(tmp_path / "notes" / "x", rows)  # a metrics.jsonl without .hydra: not a run
+    write_run(tmp_path / ".hidden" / "run", rows, overrides=["seed=0"])
+    with pytest.warns(UserWarning, match="skipped 1 metrics.jsonl"):
+        runs = report.load_runs(tmp_path)
+    assert [r.name for r in runs] == ["sweep/0"]
+    with pytest.warns(UserWarning, match="skipped 1"):
+        deep = report.load_runs(tmp_path, max_depth=5)
+    assert [r.name for r in deep] == ["a/b/c/d/run", "sweep/0"]
+    with pytest.raises(report.ReportError, match="max_depth"):
+        report.load_runs(tmp_path, max_depth=0)
+
+
+def test_a_run_folder_is_not_searched_inside(tmp_path):
+    rows = lockstep_rows(ACC)
+    outer = write_run(tmp_path / "s" / "0", rows, overrides=["seed=0"])
+    write_run(outer / "nested", rows, overrides=["seed=1"])
+    assert [r.name for r in report.load_runs(tmp_path / "s")] == ["0"]
+
+
+def test_cli_no_run_folder_within_depth_exits_2(tmp_path, capsys):
+    write_run(tmp_path / "a" / "b" / "c" / "d" / "run", lockstep_rows(ACC), overrides=["seed=0"])
+    assert report.main([str(tmp_path), "--no-plots"]) == 2
+    assert "up to 4 levels" in capsys.readouterr().err
+    assert report.main([str(tmp_path), "--no-plots", "--max-depth", "5"]) == 0
+
+
 def test_empty_metrics_file_warns_and_reports_dashes(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "metrics.jsonl").write_text("")
@@ -342,7 +424,7 @@ def test_cli_bad_input_gives_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert report.main([str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
-    assert "no metrics.jsonl" in err and "run folder" in err
+    assert "no run folder in" in err and "metrics.jsonl" in err
     assert report.main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     run_dir = write_run(tmp_path / "run", lockstep_rows(ACC))
@@ -488,6 +570,7 @@ def test_recipe_one_point_trains_with_debug_smoke(recipe, tmp_path):
     result = train_from_config(cfg, tmp_path / "run", recipe=recipe)
     assert result.status == "completed"
     run = report.load_runs(tmp_path / "run")[0]
+    assert [k for k in run.keys if not runlog.is_schema_key(k)] == []  # the trainer's keys
     if cfg.lsm.mode != "off":
         assert run.layers, "no lsm/<layer> logged"
         assert all(s.intervals >= 1 for s in run.synchronicity().values())
