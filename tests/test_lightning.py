@@ -189,3 +189,26 @@ def test_monitor_rejects_bad_arguments():
         SeparabilityMonitor(probe=X)
     with pytest.raises(ValueError, match="method"):
         SeparabilityMonitor(probe=PROBE, method="exact")
+
+
+class TwoInputs(L.LightningModule):
+    """forward(image, extra): a model with two inputs, probed with a tuple or a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(64 + 3, 16), nn.ReLU(), nn.Linear(16, 10))
+
+    def forward(self, image, extra):
+        return self.body(torch.cat([image.flatten(1), extra], dim=1))
+
+
+def test_monitor_probes_a_model_with_two_inputs():
+    module = TwoInputs()
+    extra = torch.randn(len(PROBE[1]), 3, generator=torch.Generator().manual_seed(0))
+    ref_feats = torch.relu(module.body[0](torch.cat([PROBE[0].flatten(1), extra], 1)))
+    ref = lt.layer_separability(ref_feats.detach(), PROBE[1], holdout=0.5)
+    for inputs in ((PROBE[0], extra), {"image": PROBE[0], "extra": extra}):
+        monitor = SeparabilityMonitor(probe=(inputs, PROBE[1]), batch_size=50)
+        scores = monitor.measure(module)
+        assert monitor.names == ["body.1"] and scores["body.1"] == pytest.approx(ref, abs=1e-6)

@@ -39,9 +39,10 @@ class SeparabilityMonitor(Callback):
     """Log the MD-LSM of hidden layers of the LightningModule during ``fit``.
 
     Args:
-        probe: ``(x, y)`` tensors (``x`` as the module's ``forward`` takes it, integer
-            labels with at least 2 classes), or a callable returning such a pair (called
-            once, at the first measurement).
+        probe: ``(inputs, y)`` with integer labels ``y`` (at least 2 classes); ``inputs``
+            is a tensor, a tuple of tensors (positional arguments of ``forward``) or a dict
+            of tensors (keyword arguments), each with ``len(y)`` rows. Or a callable
+            returning such a pair (called once, at the first measurement).
         every_n_steps: measure when ``trainer.global_step`` is a multiple of this (>= 1).
         layers: names / patterns / classes as for :class:`~lsm_train.HiddenCapture`.
         method: ``"degree"`` (default), ``"margin"`` or ``"soft"``.
@@ -137,7 +138,7 @@ class SeparabilityMonitor(Callback):
         try:
             with HiddenCapture(pl_module, self.names) as feats:
                 for start in range(0, len(y), self.batch_size):
-                    pl_module(x[start : start + self.batch_size].to(device))
+                    _call(pl_module, x, slice(start, start + self.batch_size), device)
                     for name in self.names:
                         parts[name].append(feats[name].float().cpu())
         finally:
@@ -145,3 +146,13 @@ class SeparabilityMonitor(Callback):
                 module.training = flag
         features = {name: torch.cat(chunks) for name, chunks in parts.items()}
         return score_layers(features, y.cpu(), method=self.method, holdout=self.holdout)
+
+
+def _call(module: torch.nn.Module, inputs: Any, rows: slice, device: torch.device) -> Any:
+    """``module(inputs[rows])`` for a tensor, ``module(*...)`` for a tuple/list and
+    ``module(**...)`` for a dict of tensors."""
+    if isinstance(inputs, dict):
+        return module(**{k: v[rows].to(device) for k, v in inputs.items()})
+    if isinstance(inputs, (tuple, list)):
+        return module(*(v[rows].to(device) for v in inputs))
+    return module(inputs[rows].to(device))
