@@ -219,3 +219,25 @@ def test_a_module_called_twice_warns_once_and_keeps_its_last_call():
         model.fc1(x)  # a direct call outside a pass of the model is not a repeat
         model(x)
         cap2.remove()
+
+
+def test_loss_and_guard_train_through_an_input_layer():
+    """fc:input (from the automatic choice) feeds LSMLoss gradients and the guard's score."""
+    torch.manual_seed(0)
+    model = ResNet()
+    x, y = images(24), torch.arange(24) % 3
+    reg = lt.LSMLoss(model, weight=1.0)
+    opt = lt.SeparabilityGuard(torch.optim.SGD(model.parameters(), 0.01), model, (x, y))
+    assert reg.names == opt.layer_names == ["blocks.0", "blocks.1", "blocks.2", "fc:input"]
+    (F.cross_entropy(model(x), y) + reg(y)).backward()
+    assert set(reg.last) == set(reg.names)
+    reg.capture.remove()
+    # the input of fc depends on the blocks, not on fc: so do the gradients of its term
+    model.zero_grad()
+    only_input = lt.LSMLoss(model, ["fc:input"], weight=1.0)
+    model(x)
+    only_input(y).backward()
+    assert model.fc.weight.grad is None
+    assert model.blocks[2].conv2.weight.grad.abs().sum() > 0
+    opt.step()
+    assert set(opt.last_layer_scores) == set(reg.names)
