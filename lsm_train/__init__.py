@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "layer_separability": "lsm_train.measures.layer",
     "soft_md_lsm": "lsm_train.surrogate",
     "HiddenCapture": "lsm_train.capture",
+    "auto_layers": "lsm_train.selection",
     "LSMLoss": "lsm_train.loss",
     "lsm_loss": "lsm_train.loss",
     "SeparabilityGuard": "lsm_train.guard",

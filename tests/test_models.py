@@ -322,8 +322,10 @@ def test_torchvision_adapter_with_stand_in(fake_torchvision):
     assert model.hidden_layers == ["layer1.0.1", "layer1.1.1", "layer1.2.1", "fc"]
     with pytest.raises(ValueError, match="matches no module; top-level modules"):
         create_model("torchvision:resnet_tiny", hidden_layers=["block*"])
-    with pytest.raises(ValueError, match="no default hidden layers"):
-        create_model("torchvision:fixednet", in_channels=3, image_size=32)
+    # no default for the family: the automatic choice (the flat features' stage, then the
+    # classifier's input)
+    fixed = create_model("torchvision:fixednet", in_channels=3, image_size=32)
+    assert fixed.hidden_layers == ["features.1", "classifier.1:input"]
     with pytest.raises(ValueError, match=r"does not accept inputs of shape \(3, 8, 8\)"):
         create_model("torchvision:fixednet", in_channels=3, image_size=8,
                      hidden_layers=["features.*"])

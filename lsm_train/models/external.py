@@ -6,22 +6,24 @@ replaced when ``in_channels`` differs (timm handles ``in_chans`` itself). A dry 
 pass at ``image_size`` checks that the architecture accepts that size (fixed-stride
 ImageNet models can be too deep for 8x8 inputs) and raises a ValueError if not.
 
-Hidden layers are chosen by pattern: ``hidden_layers=[...]`` glob patterns are matched
-against ``model.named_modules()`` names segment by segment (``*`` stays within one dotted
-segment, ``**`` spans any number of them), in module order. Without it, timm models use
-their ``feature_info`` and torchvision models a default per known family
-(``DEFAULT_PATTERNS``); other models need ``hidden_layers=``.
+Hidden layers are chosen by pattern: ``hidden_layers=[...]`` in the one layer dialect of
+:mod:`lsm_train.selection` (``*`` stays within one dotted segment, ``**`` spans any number
+of them, ``:ClassName`` filters by class, ``:input`` watches a module's input), in module
+order. Without it, timm models use their ``feature_info``, torchvision models a default per
+known family (``DEFAULT_PATTERNS``), and any other model the automatic choice of
+:func:`lsm_train.selection.auto_layers` (docs/integrations.md).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import importlib
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+from lsm_train.selection import INPUT_SUFFIX, auto_layers, match_names, split_spec
 
 __all__ = ["DEFAULT_PATTERNS", "match_modules", "default_hidden_layers", "adapt_model",
            "create_external", "EXTRA"]
@@ -47,44 +49,31 @@ DEFAULT_PATTERNS: dict[str, list[str]] = {
 }
 
 
-def _segment_match(parts: list[str], pats: list[str]) -> bool:
-    if not pats:
-        return not parts
-    if pats[0] == "**":
-        return any(_segment_match(parts[i:], pats[1:]) for i in range(len(parts) + 1))
-    return bool(parts) and fnmatch.fnmatchcase(parts[0], pats[0]) and _segment_match(
-        parts[1:], pats[1:]
-    )
-
-
 def match_modules(model: nn.Module, patterns: Sequence[str]) -> list[str]:
-    """Names of ``model``'s modules matching any pattern, in ``named_modules()`` order.
+    """Layer names of ``model`` matching any pattern, in ``named_modules()`` order.
 
     A pattern is a dotted glob (``layer*.*``, ``blocks.**``), optionally followed by
-    ``:TypeName`` to keep only modules of that class (``features.*:ReLU``). A pattern that
-    matches nothing raises a ValueError.
+    ``:TypeName`` to keep only modules of that class (``features.*:ReLU``) and/or
+    ``:input`` to watch the modules' inputs. A pattern that matches nothing raises a
+    ValueError.
     """
     if isinstance(patterns, str) or not isinstance(patterns, Sequence) or not patterns:
         raise ValueError(f"hidden_layers: expected a non-empty list of glob patterns, "
                          f"got {patterns!r}")
-    named = [(n, m) for n, m in model.named_modules() if n]
     hits: set[str] = set()
     for pat in patterns:
         if not isinstance(pat, str) or not pat:
             raise ValueError(f"hidden_layers: expected glob pattern strings, got {pat!r}")
-        glob, _, type_name = pat.partition(":")
-        found = [
-            n for n, m in named
-            if _segment_match(n.split("."), glob.split("."))
-            and (not type_name or type(m).__name__ == type_name)
-        ]
+        glob, type_name, is_input = split_spec(pat)
+        found = match_names(model, glob, type_name)
         if not found:
             top = [n for n, _ in model.named_children()]
             raise ValueError(
                 f"hidden_layers pattern {pat!r} matches no module; top-level modules: {top}"
             )
-        hits.update(found)
-    return [n for n, _ in named if n in hits]
+        hits.update(n + INPUT_SUFFIX if is_input else n for n in found)
+    order = [n for n, _ in model.named_modules() if n]
+    return [x for n in order for x in (n, n + INPUT_SUFFIX) if x in hits]
 
 
 def default_hidden_layers(source: str, name: str, model: nn.Module) -> list[str]:
@@ -102,10 +91,7 @@ def default_hidden_layers(source: str, name: str, model: nn.Module) -> list[str]
     for prefix in sorted(DEFAULT_PATTERNS, key=len, reverse=True):
         if name.startswith(prefix):
             return match_modules(model, DEFAULT_PATTERNS[prefix])
-    raise ValueError(
-        f"no default hidden layers for {source}:{name}; pass hidden_layers=[glob patterns] "
-        f"(top-level modules: {[n for n, _ in model.named_children()]})"
-    )
+    return auto_layers(model)
 
 
 def _replace_first_conv(model: nn.Module, in_channels: int) -> None:

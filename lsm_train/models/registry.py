@@ -147,7 +147,7 @@ def check_hidden_layers(model: nn.Module, what: str) -> list[str]:
     if not names or isinstance(names, str):
         raise ValueError(f"{what}: the model has no hidden_layers list")
     modules = dict(model.named_modules())
-    unknown = [n for n in names if n not in modules]
+    unknown = [n for n in names if n.removesuffix(":input") not in modules]
     if unknown:
         raise ValueError(f"{what}: hidden_layers {unknown} are not module names of the model")
     if len(set(names)) != len(names):
