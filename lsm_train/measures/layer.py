@@ -64,7 +64,7 @@ import torch
 
 from .._validation import _as_float, check_features_labels, check_fraction, to_tensor
 from ..features import reduce_features
-from .degree import _auc2_counts, _exact_u2, _fit, _int_arg, _Problems, _scores
+from .directions import Problems, auc2_counts, check_int, exact_u2, fit_directions, row_scores
 
 __all__ = ["layer_separability", "METHODS", "SCHEMES"]
 
@@ -98,7 +98,7 @@ def _auc_values(X: torch.Tensor, W: torch.Tensor, pairs, *, orient: bool) -> lis
     scores, so tied points stay tied)."""
     out = []
     for k, (ia, ib) in enumerate(pairs):
-        u2 = int(_auc2_counts(_scores(X[ia], W[:, k]), _scores(X[ib], W[:, k])))
+        u2 = int(auc2_counts(row_scores(X[ia], W[:, k]), row_scores(X[ib], W[:, k])))
         total = 2 * ia.numel() * ib.numel()
         if orient:
             u2 = max(u2, total - u2)
@@ -144,10 +144,10 @@ def _choose_alpha(X, part: dict, classes: list[int], scheme: str, gen) -> float 
     for a, b in ((inner[0], inner[1]), (inner[1], inner[0])):
         Xa, pairs_a, groups_a, _ = _stack(X, a, ok, scheme)
         Xb, pairs_b, _, _ = _stack(X, b, ok, scheme)
-        W = _fit(Xa, groups_a, pairs_a, alphas=_HOLDOUT_ALPHAS, n_random=0, n_starts=0,
-                 max_iter=0, subsample=2, seed=0, select=False)  # (d, K, C)
-        P = _Problems.build(pairs_b, X.device)
-        u2 = _exact_u2(Xb, W.permute(1, 0, 2).contiguous(), P)  # (K, C)
+        W = fit_directions(Xa, groups_a, pairs_a, alphas=_HOLDOUT_ALPHAS, n_random=0,
+                           n_starts=0, max_iter=0, subsample=2, seed=0, select=False)  # (d, K, C)
+        P = Problems.build(pairs_b, X.device)
+        u2 = exact_u2(Xb, W.permute(1, 0, 2).contiguous(), P)  # (K, C)
         score += (u2.double() / (2 * P.na * P.nb).double()[:, None]).mean(0).cpu()
     return _HOLDOUT_ALPHAS[int(torch.argmax(score))]
 
@@ -157,7 +157,7 @@ def _degree(X, labels, scheme, holdout, seed, fit_kw):
     index = {c: (labels == c).nonzero().reshape(-1) for c in classes}
     if holdout is None:
         keys, pairs = _tasks(classes, index, scheme)
-        W = _fit(X, [index[c] for c in classes], pairs, seed=seed, **fit_kw)
+        W = fit_directions(X, [index[c] for c in classes], pairs, seed=seed, **fit_kw)
         return keys, _auc_values(X, W, pairs, orient=True), classes, []
 
     skipped = [c for c in classes if index[c].numel() < 2]
@@ -183,8 +183,8 @@ def _degree(X, labels, scheme, holdout, seed, fit_kw):
         Xf, pairs_f, groups_f, keys = _stack(X, fit_part, classes, scheme)
         Xe, pairs_e, _, _ = _stack(X, eval_part, classes, scheme)
         alpha = _choose_alpha(X, fit_part, classes, scheme, gen)
-        W = _fit(Xf, groups_f, pairs_f, alphas=(alpha,), n_random=0, n_starts=0, max_iter=0,
-                 subsample=2, seed=seed)
+        W = fit_directions(Xf, groups_f, pairs_f, alphas=(alpha,), n_random=0, n_starts=0,
+                           max_iter=0, subsample=2, seed=seed)
         auc = _auc_values(Xe, W, pairs_e, orient=False)
         sums = auc if sums is None else [s + a for s, a in zip(sums, auc, strict=True)]
     return keys, [s / 2 for s in sums], classes, skipped
@@ -236,8 +236,8 @@ def layer_separability(
         "alphas": _ALPHAS,
         "n_random": 0,
         "n_starts": 1,
-        "max_iter": _int_arg(max_iter, "max_iter", 0),
-        "subsample": _int_arg(subsample, "subsample", 2),
+        "max_iter": check_int(max_iter, "max_iter", 0),
+        "subsample": check_int(subsample, "subsample", 2),
     }
     X, labels = check_features_labels(_features(H, reduce), y)
     skipped: list[int] = []
