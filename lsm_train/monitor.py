@@ -2,7 +2,7 @@
 
 * :func:`capture` runs the model once (eval mode, batches) over labelled rows and returns
   every requested layer's features, reduced to (n, d), on the model's device, and the
-  number of correct predictions as a device tensor; each module's own train/eval flag is
+  correct count and summed loss as device tensors; each module's own train/eval flag is
   restored afterwards.
 * :func:`score_sets` scores the layers of one or more captured sets with the fast Fisher
   score (:mod:`lsm_train.measures.fisher`): the labels are laid out once per set, every
@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lsm_train.features import reduce_features
@@ -47,32 +48,49 @@ def eval_mode(model: nn.Module):
             m.training = flag
 
 
+def _batches(source: Any, batch_size: int):
+    """(x, y) batches of a tuple of tensors or of a dataset with ``len`` and ``.batch(idx)``."""
+    if isinstance(source, tuple):
+        x, y = source
+        for start in range(0, x.shape[0], batch_size):
+            yield x[start : start + batch_size], y[start : start + batch_size]
+        return
+    for start in range(0, len(source), batch_size):
+        yield source.batch(torch.arange(start, min(start + batch_size, len(source))))
+
+
 @torch.no_grad()
 def capture(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, layers: list[str],
+    model: nn.Module, x: Any, y: torch.Tensor | None = None, layers: list[str] = (),
     batch_size: int = 512, keep: int | None = None,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Float32 (n, d) features of each layer (conv maps and token sequences reduced as
-    ``reduce="auto"``) on the model's device, for the first ``keep`` rows (default all), and
-    the number of correct predictions over all rows (a 0-dim device tensor). ``x`` and ``y``
-    may live anywhere: each batch is moved to the model's device."""
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One forward pass (eval mode, batches) over labelled rows: ``x, y`` tensors, or ``x``
+    a dataset with ``len`` and ``.batch(idx) -> (x, y)`` and ``y=None``. Returns float32
+    (n, d) features of each layer in ``layers`` (conv maps and token sequences reduced as
+    ``reduce="auto"``) on the model's device, for the first ``keep`` rows (default all),
+    and device tensors ``{"correct": count, "loss": summed cross-entropy (float64),
+    "n": rows}`` over all rows. Each batch is moved to the model's device."""
     from lsm_train.capture import HiddenCapture
 
     param = next(model.parameters(), None)
-    device = param.device if param is not None else x.device
-    keep = x.shape[0] if keep is None else min(int(keep), x.shape[0])
+    device = param.device if param is not None else torch.device("cpu")
+    source = x if y is None else (x, y)
     feats: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     correct = torch.zeros((), dtype=torch.long, device=device)
-    with eval_mode(model), HiddenCapture(model, layers) as captured:
-        for start in range(0, x.shape[0], batch_size):
-            xb = x[start : start + batch_size].to(device)
-            yb = y[start : start + batch_size].to(device)
-            correct += (model(xb).argmax(1) == yb).sum()
-            rows = min(keep - start, xb.shape[0])
-            if rows > 0:
-                for name in layers:
-                    feats[name].append(reduce_features(captured[name][:rows].float()))
-    return {name: torch.cat(parts) for name, parts in feats.items() if parts}, correct
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    seen = 0
+    with eval_mode(model), HiddenCapture(model, list(layers)) as captured:
+        for xb, yb in _batches(source, batch_size):
+            xb, yb = xb.to(device), yb.to(device)
+            logits = model(xb)
+            correct += (logits.argmax(1) == yb).sum()
+            loss += F.cross_entropy(logits, yb, reduction="sum").double()
+            rows = xb.shape[0] if keep is None else min(int(keep) - seen, xb.shape[0])
+            for name in layers if rows > 0 else ():
+                feats[name].append(reduce_features(captured[name][:rows].float()))
+            seen += xb.shape[0]
+    stats = {"correct": correct, "loss": loss, "n": torch.tensor(seen, device=device)}
+    return {name: torch.cat(parts) for name, parts in feats.items() if parts}, stats
 
 
 def score_sets(
@@ -112,18 +130,18 @@ def score_sets(
 class MonitorSchedule:
     """When to evaluate: an explicit interval, or a budget on the monitor's share of time.
 
-    ``every_n_steps`` (an int >= 0) wins when given: evaluate at multiples of it (0: never
-    between epoch ends) and at every epoch end. With ``every_n_steps=None`` the budget
-    rules: ``due`` is True at the last step, and elsewhere when
-    ``spent + 2 · cost <= budget · train_seconds`` — ``spent`` the seconds of all timed
-    evaluations, ``cost`` the duration of the latest one (one for this evaluation, one kept
-    for the final one). Epoch ends are not forced. Before any evaluation is timed the cost
-    is taken as ``spent / evaluations`` or, with none, the next evaluation is due. Time
-    evaluations with :meth:`timed`; ``clock`` (seconds) is replaceable for tests.
+    ``every_n_steps`` (an int >= 0) wins when given: evaluate at multiples of it (0: only
+    at epoch ends) and at every epoch end. With ``every_n_steps=None`` the budget rules:
+    :meth:`due` is True at the last step, and elsewhere when
+    ``monitor_seconds + 2 · cost <= budget · train_seconds`` — ``cost`` the duration of the
+    latest timed evaluation (once for this one, once kept for the final one). Epoch ends are
+    not forced. Before any evaluation is timed (a resumed run) the next one is due when
+    ``monitor_seconds <= budget · train_seconds``. Time evaluations with :meth:`timed`;
+    ``clock`` (seconds) is replaceable for tests.
     """
 
     def __init__(self, budget: float = 0.03, every_n_steps: int | None = None,
-                 clock: Callable[[], float] = time.perf_counter, spent: float = 0.0):
+                 clock: Callable[[], float] = time.perf_counter):
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (
             0 < budget <= 1
         ):
@@ -133,12 +151,11 @@ class MonitorSchedule:
             or every_n_steps < 0
         ):
             raise ValueError(
-                f"trainer.monitor_every_n_steps: expected null (budget) or an integer >= 0, "
-                f"got {every_n_steps!r}")
+                f"trainer.monitor_every_n_steps: expected null (use lsm.monitor.budget) or an "
+                f"integer >= 0, got {every_n_steps!r}")
         self.budget = float(budget)
         self.every_n_steps = every_n_steps
         self.clock = clock
-        self.spent = float(spent)
         self.evaluations = 0
         self.cost: float | None = None
 
@@ -146,33 +163,24 @@ class MonitorSchedule:
     def uses_budget(self) -> bool:
         return self.every_n_steps is None
 
-    def due(self, step: int, train_seconds: float, *, epoch_end: bool = False,
-            last: bool = False) -> bool:
-        """Whether to evaluate after training step ``step`` (training time so far:
-        ``train_seconds``, the monitor's time excluded)."""
+    def due(self, step: int, train_seconds: float, monitor_seconds: float, *,
+            epoch_end: bool = False, last: bool = False) -> bool:
+        """Whether to evaluate after training step ``step``, given the training time so far
+        (the monitor's excluded) and the monitor's time so far."""
         if last:
             return True
         if not self.uses_budget:
             n = self.every_n_steps
             return epoch_end or (n > 0 and step % n == 0)
-        cost = self.cost
-        if cost is None:
-            if not self.evaluations:
-                return True
-            cost = self.spent / self.evaluations
-        return self.spent + 2 * cost <= self.budget * train_seconds
+        reserve = 0.0 if self.cost is None else 2 * self.cost
+        return monitor_seconds + reserve <= self.budget * train_seconds
 
     @contextmanager
     def timed(self):
-        """Time one evaluation: adds it to ``spent`` and makes it the current ``cost``."""
+        """Time one evaluation: its duration becomes the current ``cost``."""
         start = self.clock()
         try:
             yield
         finally:
             self.cost = self.clock() - start
-            self.spent += self.cost
             self.evaluations += 1
-
-    def fraction(self, train_seconds: float) -> float:
-        """spent / train_seconds (NaN before any training time)."""
-        return self.spent / train_seconds if train_seconds > 0 else math.nan

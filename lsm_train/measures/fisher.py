@@ -181,18 +181,18 @@ def _class_directions(X: torch.Tensor, fold: _Fold) -> tuple[torch.Tensor, torch
     Xf = X[fold.fit_rows]
     nf, d = Xf.shape
     C = fold.fit_counts.shape[0]
-    onehot = F.one_hot(fold.fit_class, C).to(torch.float64)  # (n_fit, C)
-    means = (onehot.T @ Xf.double()) / fold.fit_counts[:, None]  # (C, d)
+    onehot = F.one_hot(fold.fit_class, C).to(Xf.dtype)  # (n_fit, C)
+    means = (onehot.T @ Xf) / fold.fit_counts.to(Xf.dtype)[:, None]  # (C, d)
+    Z = Xf - means[fold.fit_class]  # within-class residuals
+    means = means.double()
     grand = (fold.fit_counts @ means) / nf
-    Z = Xf - means.to(Xf.dtype)[fold.fit_class]  # within-class residuals
     primal = d <= nf
-    G = (Z.T @ Z if primal else Z @ Z.T).double()
-    G = 0.5 * (G + G.T)
-    sq = Z.double().square().sum(1)  # ‖z_i‖²
+    G = (Z.T @ Z if primal else Z @ Z.T).double()  # Cholesky reads the lower triangle
+    sq = torch.linalg.vector_norm(Z, dim=1, dtype=torch.float64).square()  # ‖z_i‖²
     tr = sq.sum()
     dof = max(nf - C, 1)
     # Ledoit–Wolf towards (tr S / d)·I, S = ZᵀZ / n_fit (as directions._Metric.ledoit_wolf)
-    fro2 = G.square().sum() / nf**2
+    fro2 = torch.linalg.vector_norm(G).square() / nf**2
     delta2 = fro2 - (tr / nf) ** 2 / d
     bbar2 = ((sq.square().sum() / nf - fro2) / nf).clamp_min(0)
     alpha = torch.where(delta2 > 0, torch.minimum(bbar2, delta2) / delta2.clamp_min(1e-300),
@@ -202,8 +202,9 @@ def _class_directions(X: torch.Tensor, fold: _Fold) -> tuple[torch.Tensor, torch
     beta = torch.where(beta > 0, beta, torch.ones_like(beta))
     c, lam = (1 - alpha) / dof, alpha * beta
     rhs = (means - grand).T  # (d, C)
-    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-    L, info = torch.linalg.cholesky_ex(c * G + lam * eye)
+    A = G.mul_(c)
+    A.diagonal().add_(lam)
+    L, info = torch.linalg.cholesky_ex(A)
     if primal:
         V = torch.cholesky_solve(rhs, L)
     else:  # (λI + cZᵀZ)⁻¹ = (I − cZᵀ(λI + cZZᵀ)⁻¹Z) / λ
