@@ -105,6 +105,7 @@ def score_sets(
     ``(features by layer name, labels or a FisherLayout)``, with one host read at the end,
     which also reads the 0-dim tensors ``extra`` (e.g. correct counts). A layer with a
     non-finite feature scores NaN. Returns (one {layer: score} per set, extra as floats)."""
+    sets = list(sets)
     names, means = [], []
     for feats, labels in sets:
         if not feats:
@@ -113,16 +114,22 @@ def score_sets(
         device = next(iter(feats.values())).device
         layout = labels if isinstance(labels, FisherLayout) else FisherLayout(
             torch.as_tensor(labels), scheme, holdout, seed, device=device)
-        T = torch.stack([pair_scores(H, layout) for H in feats.values()])
-        values = pair_values(T, layout).mean(1)  # (L,)
-        finite = torch.stack([torch.isfinite(H).all() for H in feats.values()])
+        groups: dict[tuple, list[str]] = {}  # layers of one width and dtype: one batch
+        for name, H in feats.items():
+            groups.setdefault((H.shape[1], H.dtype), []).append(name)
+        order = [name for group in groups.values() for name in group]
+        T = torch.cat([pair_scores(torch.stack([feats[n] for n in group]), layout)
+                       for group in groups.values()])
+        values = pair_values(T, layout).mean(1)  # (L,) in ``order``
+        finite = torch.stack([torch.isfinite(feats[n]).all() for n in order])
         means.append(torch.where(finite, values, torch.full_like(values, math.nan)))
-        names.append(list(feats))
+        names.append(order)
     extra = [t.reshape(1).double().to(means[0].device if means else "cpu") for t in extra]
     flat = torch.cat(means + extra).tolist() if (means or extra) else []  # the host read
     out, at = [], 0
-    for layer_names in names:
-        out.append(dict(zip(layer_names, flat[at : at + len(layer_names)], strict=True)))
+    for (feats, _), layer_names in zip(sets, names, strict=True):
+        got = dict(zip(layer_names, flat[at : at + len(layer_names)], strict=True))
+        out.append({name: got[name] for name in feats if name in got})
         at += len(layer_names)
     return out, flat[at:]
 

@@ -117,7 +117,7 @@ def test_layers_in_one_batch_equal_one_at_a_time():
     layers = [torch.tensor(X), torch.tensor(X[:, :3] * 5.0), torch.tensor(np.tanh(X))]
     for holdout in (None, 0.5):
         layout = FisherLayout(torch.tensor(y), "pairwise", holdout, seed=2)
-        together = pair_values(torch.stack([pair_scores(H, layout) for H in layers]), layout)
+        together = pair_values(torch.cat([pair_scores(H, layout) for H in layers]), layout)
         for k, H in enumerate(layers):
             assert torch.equal(together[k], fisher_values(H, layout))
 

@@ -25,8 +25,8 @@ directions (the in-sample ascent, the inner choice of α when cross-fitted).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -78,29 +78,24 @@ def crossfit_classes(index: dict, classes: list[int], holdout: float, stacklevel
     return kept, skipped
 
 
-@dataclass
-class _Fold:
-    fit_rows: torch.Tensor  # (n_fit,) rows of X, class by class
-    fit_class: torch.Tensor  # (n_fit,) class position 0..C-1 of each fit row
-    fit_counts: torch.Tensor  # (C,) float64
-    eval_rows: torch.Tensor  # (n_eval,) rows of X, class by class
-    mix: torch.Tensor  # (C, K) float64: problem direction = class directions @ mix
-
-
-def _pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(int(r.numel()) for r in rows)
-    out = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+def _pad(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(max(len(r) for r in rows), 1)
+    out = np.zeros((len(rows), width), dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=bool)
     for k, r in enumerate(rows):
-        out[k, : r.numel()] = r
-        mask[k, : r.numel()] = True
-    return out, mask
+        out[k, : len(r)] = r
+        mask[k, : len(r)] = True
+    return torch.from_numpy(out), torch.from_numpy(mask)
 
 
 class FisherLayout:
     """Everything that depends on the labels alone, built once on the host and reused for
     every layer (and every evaluation on the same labelled rows): the classes, problems,
-    folds and the padded flat indices of the batched AUC."""
+    the F folds (1 in-sample, 2 cross-fitted) as padded row indices, and the padded flat
+    indices of the batched AUC into the scores (L, F · eval width, K)."""
+
+    _TENSORS = ("fit_idx", "fit_mask", "fit_onehot", "fit_counts", "n_fit", "dof", "eval_idx",
+                "mix", "ia", "ma", "ib", "mb", "total")
 
     def __init__(self, labels: torch.Tensor, scheme: str = "pairwise",
                  holdout: float | None = None, seed: int = 0, device=None):
@@ -125,49 +120,52 @@ class FisherLayout:
             self.problems = [(c, None) for c in range(C)]
             self.keys = [(classes[c], "rest") for c in range(C)]
         K = len(self.problems)
-        self.folds: list[_Fold] = []
-        ia, ib, offset = [], [], 0
-        for fit, ev in splits:
-            counts = torch.tensor([fit[c].numel() for c in classes], dtype=torch.float64)
-            mix = torch.zeros(C, K, dtype=torch.float64)
+        fits = [[fit[c].numpy() for c in classes] for fit, _ in splits]
+        evals = [[ev[c].numpy() for c in classes] for _, ev in splits]
+        counts = np.array([[len(r) for r in f] for f in fits], dtype=np.float64)  # (F, C)
+        fit_cls = [np.repeat(np.arange(C), cnt.astype(np.int64)) for cnt in counts]
+        self.fit_idx, self.fit_mask = _pad([np.concatenate(f) for f in fits])
+        cls_pad, _ = _pad(fit_cls)
+        self.fit_onehot = F.one_hot(cls_pad, C).to(torch.float32) * self.fit_mask[..., None]
+        self.fit_counts = torch.from_numpy(counts)
+        self.n_fit = self.fit_counts.sum(1)
+        self.dof = (self.n_fit - C).clamp_min(1)
+        self.min_fit = int(self.n_fit.min())
+        mix = np.zeros((len(splits), C, K))
+        for k, (i, j) in enumerate(self.problems):
+            mix[:, i, k] = 1.0
+            if j is not None:
+                mix[:, j, k] = -1.0
+            else:  # the rest: the mean of the other classes' fit rows
+                rest = counts.copy()
+                rest[:, i] = 0.0
+                mix[:, :, k] -= rest / rest.sum(1, keepdims=True)
+        self.mix = torch.from_numpy(mix)
+        self.eval_idx, _ = _pad([np.concatenate(e) for e in evals])
+        width = self.eval_idx.shape[1]
+        ia, ib = [], []
+        for f, ev in enumerate(evals):  # positions of each class among the padded eval rows
+            starts = np.cumsum([0] + [len(r) for r in ev])
+            pos = [np.arange(f * width + starts[c], f * width + starts[c + 1]) for c in range(C)]
             for k, (i, j) in enumerate(self.problems):
-                mix[i, k] = 1.0
-                if j is not None:
-                    mix[j, k] = -1.0
-                else:  # the rest: the mean of the other classes' fit rows
-                    rest = counts.clone()
-                    rest[i] = 0.0
-                    mix[:, k] -= rest / rest.sum()
-            self.folds.append(_Fold(
-                fit_rows=torch.cat([fit[c] for c in classes]),
-                fit_class=torch.repeat_interleave(torch.arange(C), counts.long()),
-                fit_counts=counts, eval_rows=torch.cat([ev[c] for c in classes]), mix=mix,
-            ))
-            # positions of each class among this fold's eval rows, in the stacked scores
-            sizes = [ev[c].numel() for c in classes]
-            starts = torch.tensor([0] + sizes).cumsum(0).tolist()
-            pos = [torch.arange(offset + starts[c], offset + starts[c + 1]) for c in range(C)]
-            for k, (i, j) in enumerate(self.problems):
-                others = [pos[j]] if j is not None else [pos[o] for o in range(C) if o != i]
+                others = pos[j] if j is not None else np.concatenate(
+                    [pos[o] for o in range(C) if o != i])
                 ia.append(pos[i] * K + k)
-                ib.append(torch.cat(others) * K + k)
-            offset += starts[-1]
-        self.n_scored = offset  # rows of the stacked scores (all folds' eval rows)
-        ia_t, ma = _pad(ia)
-        ib_t, mb = _pad(ib)
-        na, nb = ma.sum(1).double(), mb.sum(1).double()
-        self.ia, self.ma, self.ib, self.mb = ia_t, ma, ib_t, mb
-        self.total = 2 * na * nb  # (F·K,) twice the number of pairs of each problem
+                ib.append(others * K + k)
+        self.ia, self.ma = _pad(ia)
+        self.ib, self.mb = _pad(ib)
+        self.total = 2 * self.ma.sum(1).double() * self.mb.sum(1).double()  # (F·K,)
         if device is not None:
             self.to(device)
 
+    @property
+    def n_folds(self) -> int:
+        return self.fit_idx.shape[0]
+
     def to(self, device) -> FisherLayout:
         """Move the index tensors to ``device`` (in place); returns self."""
-        for name in ("ia", "ma", "ib", "mb", "total"):
+        for name in self._TENSORS:
             setattr(self, name, getattr(self, name).to(device))
-        for f in self.folds:
-            for name in ("fit_rows", "fit_class", "fit_counts", "eval_rows", "mix"):
-                setattr(f, name, getattr(f, name).to(device))
         return self
 
     @property
@@ -175,61 +173,68 @@ class FisherLayout:
         return self.ia.device
 
 
-def _class_directions(X: torch.Tensor, fold: _Fold) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ_α⁻¹(μ_c − μ̄) for each class c as columns (d, C), the grand mean μ̄ (d,)), float64,
-    from the fit rows of ``fold``; Gram matrix in the features' precision."""
-    Xf = X[fold.fit_rows]
-    nf, d = Xf.shape
-    C = fold.fit_counts.shape[0]
-    onehot = F.one_hot(fold.fit_class, C).to(Xf.dtype)  # (n_fit, C)
-    means = (onehot.T @ Xf) / fold.fit_counts.to(Xf.dtype)[:, None]  # (C, d)
-    Z = Xf - means[fold.fit_class]  # within-class residuals
-    means = means.double()
-    grand = (fold.fit_counts @ means) / nf
-    primal = d <= nf
-    G = (Z.T @ Z if primal else Z @ Z.T).double()  # Cholesky reads the lower triangle
-    sq = torch.linalg.vector_norm(Z, dim=1, dtype=torch.float64).square()  # ‖z_i‖²
-    tr = sq.sum()
-    dof = max(nf - C, 1)
+def _class_directions(X: torch.Tensor, lay: FisherLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_α⁻¹(μ_c − μ̄) of each class c as columns, (L, F, d, C) float64, and the grand mean
+    μ̄ (L, F, d) of the fit rows of every fold, for the L layers X (L, n, d); Gram matrix in
+    the features' precision. One batch of L·F factorizations."""
+    nl, _, d = X.shape
+    nfold, C = lay.n_folds, lay.fit_counts.shape[1]
+    B = nl * nfold
+    oh = lay.fit_onehot.to(X.dtype)  # (F, m, C), zero rows for padding
+    Xf = X[:, lay.fit_idx]  # (L, F, m, d)
+    means = (oh.mT @ Xf) / lay.fit_counts.to(X.dtype)[..., None]  # (L, F, C, d)
+    Z = ((Xf - oh @ means) * lay.fit_mask[..., None].to(X.dtype)).reshape(B, -1, d)
+    means = means.double().reshape(B, C, d)
+    nf, dof = lay.n_fit.repeat(nl), lay.dof.repeat(nl)  # (B,)
+    counts = lay.fit_counts.repeat(nl, 1)  # (B, C)
+    grand = (counts[:, None, :] @ means)[:, 0] / nf[:, None]  # (B, d)
+    primal = d <= lay.min_fit
+    G = (Z.mT @ Z if primal else Z @ Z.mT).double()  # Cholesky reads the lower triangle
+    sq = torch.linalg.vector_norm(Z, dim=2, dtype=torch.float64).square()  # ‖z_i‖² (B, m)
+    tr = sq.sum(1)
     # Ledoit–Wolf towards (tr S / d)·I, S = ZᵀZ / n_fit (as directions._Metric.ledoit_wolf)
-    fro2 = torch.linalg.vector_norm(G).square() / nf**2
+    fro2 = torch.linalg.vector_norm(G, dim=(1, 2)).square() / nf**2
     delta2 = fro2 - (tr / nf) ** 2 / d
-    bbar2 = ((sq.square().sum() / nf - fro2) / nf).clamp_min(0)
+    bbar2 = ((sq.square().sum(1) / nf - fro2) / nf).clamp_min(0)
     alpha = torch.where(delta2 > 0, torch.minimum(bbar2, delta2) / delta2.clamp_min(1e-300),
                         torch.ones_like(delta2)).clamp(ALPHA_MIN, 1.0)
-    between = (fold.fit_counts @ (means - grand).square().sum(1)) / nf
+    centred = means - grand[:, None, :]  # (B, C, d)
+    between = (counts * centred.square().sum(2)).sum(1) / nf
     beta = torch.where(tr > 0, tr / dof, between) / d
     beta = torch.where(beta > 0, beta, torch.ones_like(beta))
-    c, lam = (1 - alpha) / dof, alpha * beta
-    rhs = (means - grand).T  # (d, C)
+    c, lam = ((1 - alpha) / dof)[:, None, None], (alpha * beta)[:, None, None]
+    rhs = centred.mT  # (B, d, C)
     A = G.mul_(c)
-    A.diagonal().add_(lam)
+    A.diagonal(dim1=1, dim2=2).add_(lam[:, :, 0])
     L, info = torch.linalg.cholesky_ex(A)
     if primal:
         V = torch.cholesky_solve(rhs, L)
     else:  # (λI + cZᵀZ)⁻¹ = (I − cZᵀ(λI + cZZᵀ)⁻¹Z) / λ
         Zd = Z.double()
-        V = (rhs - c * (Zd.T @ torch.cholesky_solve(Zd @ rhs, L))) / lam
-    ok = (info == 0) & torch.isfinite(V).all()
-    return torch.where(ok, V, rhs / beta), grand
+        V = (rhs - c * (Zd.mT @ torch.cholesky_solve(Zd @ rhs, L))) / lam
+    ok = ((info == 0) & torch.isfinite(V).all(2).all(1))[:, None, None]
+    V = torch.where(ok, V, rhs / beta[:, None, None])
+    return V.reshape(nl, nfold, d, C), grand.reshape(nl, nfold, d)
 
 
 def pair_scores(X: torch.Tensor, layout: FisherLayout) -> torch.Tensor:
-    """Scores x·w of every problem's direction on its fold's eval rows, stacked over the
-    folds: (layout.n_scored, K) float64. ``X`` (n, d) floating point on layout.device."""
+    """Scores x·w of every problem's direction on its fold's eval rows, for L layers of the
+    same width ``X`` (L, n, d) (or one layer (n, d)), floating point on layout.device:
+    (L, F · eval width, K) float64 (padded rows are never read)."""
+    if X.ndim == 2:
+        X = X[None]
     if not X.is_floating_point() or X.dtype in (torch.float16, torch.bfloat16):
         X = X.float()
-    out = []
-    for fold in layout.folds:
-        V, grand = _class_directions(X, fold)
-        Xe = X[fold.eval_rows].double() - grand
-        out.append((Xe @ V) @ fold.mix)
-    return torch.cat(out)
+    V, grand = _class_directions(X, layout)
+    Xe = X[:, layout.eval_idx].double() - grand[:, :, None, :]  # (L, F, width, d)
+    T = (Xe @ V) @ layout.mix[None]  # (L, F, width, K)
+    return T.reshape(X.shape[0], -1, T.shape[-1])
 
 
 def pair_values(T: torch.Tensor, layout: FisherLayout) -> torch.Tensor:
-    """Exact AUC of every problem from stacked scores T (L, n_scored, K) of L layers:
-    (L, K) float64, one batched sort; in-sample oriented, cross-fitted averaged over folds."""
+    """Exact AUC of every problem from the scores T (L, F · eval width, K) of L layers
+    (:func:`pair_scores`, concatenated over layers): (L, K) float64, one batched sort;
+    in-sample oriented, cross-fitted averaged over the folds."""
     flat = T.reshape(T.shape[0], -1)
     sa = flat[:, layout.ia]  # (L, F·K, max |A|)
     sb = flat[:, layout.ib].masked_fill(~layout.mb, float("inf"))
@@ -237,11 +242,11 @@ def pair_values(T: torch.Tensor, layout: FisherLayout) -> torch.Tensor:
     if layout.orient:
         u2 = torch.maximum(u2, layout.total - u2)
     values = u2 / layout.total
-    return values.reshape(T.shape[0], len(layout.folds), -1).mean(1)
+    return values.reshape(T.shape[0], layout.n_folds, -1).mean(1)
 
 
 def fisher_values(X: torch.Tensor, layout: FisherLayout) -> torch.Tensor:
     """Per-problem values (K,) float64 of one layer's features (n, d) on the device; NaN
     when X has a non-finite entry."""
-    values = pair_values(pair_scores(X, layout)[None], layout)[0]
+    values = pair_values(pair_scores(X, layout), layout)[0]
     return torch.where(torch.isfinite(X).all(), values, torch.full_like(values, float("nan")))
