@@ -3,12 +3,15 @@
     .venv/bin/python bench/monitor.py            # timing table (issue sizes) and zoo gap
     .venv/bin/python bench/monitor.py --quick    # n <= 1,024, d <= 512, two zoo families
     .venv/bin/python bench/monitor.py --only gap # just the gap table
+    .venv/bin/python bench/monitor.py --only time --n 1024 --d 512
 
 (a) Per-layer cost of ``layer_separability(H, y, method="fisher")`` and of
     ``method="degree"`` (pairwise, 10 classes) at n = 512, 1,024, 4,096 and d = 64, 512,
     2,048, in-sample and cross-fitted (``holdout=0.5``), on Gaussian classes whose means
-    differ along a few directions. Medians of ``--repeats`` runs for the fast score, one
-    run (after a warm-up at a small size) for the degree; the ratio is degree / fisher.
+    differ along a few directions. "monitor" is the same fast score as the trainer computes
+    it (the label layout built once per probe, reused). Medians of ``--repeats`` runs for the
+    fast score, one run (after a warm-up at a small size) for the degree; the ratio is
+    degree / fisher (the layer_separability call).
 (b) Gap ``degree − fisher`` on the hidden layers of every zoo family (untrained, seed 0,
     and after 1 epoch of AdamW) on the first 512 training samples of digits, in-sample and
     cross-fitted: mean and worst over layers, and the largest value of ``fisher − degree``
@@ -31,7 +34,9 @@ import torch.nn.functional as F
 
 import lsm_train as lt
 from lsm_train.data import load_data
+from lsm_train.measures.fisher import FisherLayout
 from lsm_train.models import create_model
+from lsm_train.monitor import capture, score_sets
 
 
 def machine() -> str:
@@ -73,20 +78,25 @@ def timing_table(ns, ds, repeats: int, device: str) -> None:
     H, y = classes(256, 32, device=device)
     for method in ("fisher", "degree"):  # warm-up (first calls load kernels)
         lt.layer_separability(H, y, method=method, holdout=0.5)
-    print("\n(a) per-layer cost, pairwise, 10 classes (ms; ratio = degree / fisher)")
-    print(f"{'n':>6} {'d':>6} | {'in-sample':^29} | {'cross-fitted (holdout=0.5)':^29}")
-    print(f"{'':>6} {'':>6} | {'fisher':>8} {'degree':>10} {'ratio':>8} | "
-          f"{'fisher':>8} {'degree':>10} {'ratio':>8}")
+    print("\n(a) per-layer cost, pairwise, 10 classes (ms). fisher: one layer_separability"
+          " call;\n    monitor: the same score with the label layout reused (as in the"
+          " trainer); ratio = degree / fisher")
+    head = f"{'fisher':>8} {'monitor':>8} {'degree':>9} {'ratio':>7}"
+    print(f"{'n':>6} {'d':>6} | {'in-sample':^35} | {'cross-fitted (holdout=0.5)':^35}")
+    print(f"{'':>6} {'':>6} | {head} | {head}")
     for n in ns:
         for d in ds:
             H, y = classes(n, d, device=device)
             row = []
             for holdout in (None, 0.5):
+                layout = FisherLayout(y, "pairwise", holdout, 0, device=H.device)
                 fast = seconds(lambda H=H, y=y, h=holdout: lt.layer_separability(
                     H, y, method="fisher", holdout=h), repeats)
+                mon = seconds(lambda H=H, lay=layout: score_sets([({"h": H}, lay)]), repeats)
                 full = seconds(lambda H=H, y=y, h=holdout: lt.layer_separability(
                     H, y, method="degree", holdout=h), 1)
-                row.append(f"{fast * 1e3:8.1f} {full * 1e3:10.1f} {full / fast:7.1f}x")
+                row.append(f"{fast * 1e3:8.1f} {mon * 1e3:8.1f} {full * 1e3:9.1f} "
+                           f"{full / fast:6.1f}x")
             print(f"{n:>6} {d:>6} | {row[0]} | {row[1]}", flush=True)
 
 
@@ -103,8 +113,6 @@ def _features(name: str, bundle, n: int, epochs: int):
             F.cross_entropy(model(x[s:s + 64]), y[s:s + 64]).backward()
             opt.step()
     model.eval()
-    from lsm_train.monitor import capture
-
     feats, _ = capture(model, x[:n], y[:n], list(model.hidden_layers))
     return feats, y[:n]
 
@@ -143,12 +151,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--n", type=int, nargs="*", help="sample sizes (default: the issue's)")
+    p.add_argument("--d", type=int, nargs="*", help="widths (default: the issue's)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(machine())
     if args.only != "gap":
         ns, ds = ((512, 1024), (64, 512)) if args.quick else ((512, 1024, 4096), (64, 512, 2048))
-        timing_table(ns, ds, args.repeats, args.device)
+        timing_table(args.n or ns, args.d or ds, args.repeats, args.device)
     if args.only != "time":
         fams = ("mlp", "cnn") if args.quick else (
             "mlp", "cnn", "dbn", "resnet", "vgg", "alexnet", "vit", "googlenet")

@@ -19,7 +19,6 @@ Docs: ``docs/monitor.md``.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
@@ -120,9 +119,7 @@ def score_sets(
         order = [name for group in groups.values() for name in group]
         T = torch.cat([pair_scores(torch.stack([feats[n] for n in group]), layout)
                        for group in groups.values()])
-        values = pair_values(T, layout).mean(1)  # (L,) in ``order``
-        finite = torch.stack([torch.isfinite(feats[n]).all() for n in order])
-        means.append(torch.where(finite, values, torch.full_like(values, math.nan)))
+        means.append(pair_values(T, layout).mean(1))  # (L,) in ``order``; NaN: not finite
         names.append(order)
     extra = [t.reshape(1).double().to(means[0].device if means else "cpu") for t in extra]
     flat = torch.cat(means + extra).tolist() if (means or extra) else []  # the host read

@@ -125,6 +125,7 @@ class FisherLayout:
         counts = np.array([[len(r) for r in f] for f in fits], dtype=np.float64)  # (F, C)
         fit_cls = [np.repeat(np.arange(C), cnt.astype(np.int64)) for cnt in counts]
         self.fit_idx, self.fit_mask = _pad([np.concatenate(f) for f in fits])
+        self.fit_padded = not bool(self.fit_mask.all())
         cls_pad, _ = _pad(fit_cls)
         self.fit_onehot = F.one_hot(cls_pad, C).to(torch.float32) * self.fit_mask[..., None]
         self.fit_counts = torch.from_numpy(counts)
@@ -173,17 +174,20 @@ class FisherLayout:
         return self.ia.device
 
 
-def _class_directions(X: torch.Tensor, lay: FisherLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ_α⁻¹(μ_c − μ̄) of each class c as columns, (L, F, d, C) float64, and the grand mean
-    μ̄ (L, F, d) of the fit rows of every fold, for the L layers X (L, n, d); Gram matrix in
-    the features' precision. One batch of L·F factorizations."""
+def _class_directions(X: torch.Tensor, lay: FisherLayout) -> torch.Tensor:
+    """Σ_α⁻¹(μ_c − μ̄) of each class c as columns, (L, F, d, C) float64 (μ̄ the mean of the
+    fold's fit rows), for the L layers X (L, n, d) and the F folds; Gram matrix in the
+    features' precision. One batch of L·F factorizations."""
     nl, _, d = X.shape
     nfold, C = lay.n_folds, lay.fit_counts.shape[1]
     B = nl * nfold
     oh = lay.fit_onehot.to(X.dtype)  # (F, m, C), zero rows for padding
     Xf = X[:, lay.fit_idx]  # (L, F, m, d)
     means = (oh.mT @ Xf) / lay.fit_counts.to(X.dtype)[..., None]  # (L, F, C, d)
-    Z = ((Xf - oh @ means) * lay.fit_mask[..., None].to(X.dtype)).reshape(B, -1, d)
+    Z = Xf - oh @ means  # within-class residuals
+    if lay.fit_padded:  # padding rows gathered row 0: zero them
+        Z = Z * lay.fit_mask[..., None].to(X.dtype)
+    Z = Z.reshape(B, -1, d)
     means = means.double().reshape(B, C, d)
     nf, dof = lay.n_fit.repeat(nl), lay.dof.repeat(nl)  # (B,)
     counts = lay.fit_counts.repeat(nl, 1)  # (B, C)
@@ -207,14 +211,19 @@ def _class_directions(X: torch.Tensor, lay: FisherLayout) -> tuple[torch.Tensor,
     A = G.mul_(c)
     A.diagonal(dim1=1, dim2=2).add_(lam[:, :, 0])
     L, info = torch.linalg.cholesky_ex(A)
+
+    def solve(b: torch.Tensor) -> torch.Tensor:  # A⁻¹b = L⁻ᵀ L⁻¹ b
+        half = torch.linalg.solve_triangular(L, b, upper=False)
+        return torch.linalg.solve_triangular(L.mT, half, upper=True)
+
     if primal:
-        V = torch.cholesky_solve(rhs, L)
+        V = solve(rhs)
     else:  # (λI + cZᵀZ)⁻¹ = (I − cZᵀ(λI + cZZᵀ)⁻¹Z) / λ
         Zd = Z.double()
-        V = (rhs - c * (Zd.mT @ torch.cholesky_solve(Zd @ rhs, L))) / lam
+        V = (rhs - c * (Zd.mT @ solve(Zd @ rhs))) / lam
     ok = ((info == 0) & torch.isfinite(V).all(2).all(1))[:, None, None]
     V = torch.where(ok, V, rhs / beta[:, None, None])
-    return V.reshape(nl, nfold, d, C), grand.reshape(nl, nfold, d)
+    return V.reshape(nl, nfold, d, C)
 
 
 def pair_scores(X: torch.Tensor, layout: FisherLayout) -> torch.Tensor:
@@ -225,8 +234,8 @@ def pair_scores(X: torch.Tensor, layout: FisherLayout) -> torch.Tensor:
         X = X[None]
     if not X.is_floating_point() or X.dtype in (torch.float16, torch.bfloat16):
         X = X.float()
-    V, grand = _class_directions(X, layout)
-    Xe = X[:, layout.eval_idx].double() - grand[:, :, None, :]  # (L, F, width, d)
+    V = _class_directions(X, layout)
+    Xe = X[:, layout.eval_idx].double()  # (L, F, width, d); AUCs ignore a common shift
     T = (Xe @ V) @ layout.mix[None]  # (L, F, width, K)
     return T.reshape(X.shape[0], -1, T.shape[-1])
 
@@ -234,19 +243,20 @@ def pair_scores(X: torch.Tensor, layout: FisherLayout) -> torch.Tensor:
 def pair_values(T: torch.Tensor, layout: FisherLayout) -> torch.Tensor:
     """Exact AUC of every problem from the scores T (L, F · eval width, K) of L layers
     (:func:`pair_scores`, concatenated over layers): (L, K) float64, one batched sort;
-    in-sample oriented, cross-fitted averaged over the folds."""
+    in-sample oriented, cross-fitted averaged over the folds; NaN for a layer whose scores
+    are not finite (non-finite features)."""
     flat = T.reshape(T.shape[0], -1)
     sa = flat[:, layout.ia]  # (L, F·K, max |A|)
     sb = flat[:, layout.ib].masked_fill(~layout.mb, float("inf"))
     u2 = auc2_counts(sa, sb, layout.ma).double()  # (L, F·K)
     if layout.orient:
         u2 = torch.maximum(u2, layout.total - u2)
-    values = u2 / layout.total
-    return values.reshape(T.shape[0], layout.n_folds, -1).mean(1)
+    values = (u2 / layout.total).reshape(T.shape[0], layout.n_folds, -1).mean(1)
+    finite = torch.isfinite(T).flatten(1).all(1, keepdim=True)
+    return torch.where(finite, values, torch.full_like(values, float("nan")))
 
 
 def fisher_values(X: torch.Tensor, layout: FisherLayout) -> torch.Tensor:
     """Per-problem values (K,) float64 of one layer's features (n, d) on the device; NaN
     when X has a non-finite entry."""
-    values = pair_values(pair_scores(X, layout), layout)[0]
-    return torch.where(torch.isfinite(X).all(), values, torch.full_like(values, float("nan")))
+    return pair_values(pair_scores(X, layout), layout)[0]
