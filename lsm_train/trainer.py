@@ -2,12 +2,15 @@
 
 One step: forward a batch, ``loss = cross_entropy + reg(labels)`` when the LSM loss is on,
 backward, ``optimizer.step()`` (a :class:`~lsm_train.guard.SeparabilityGuard` around the
-configured optimizer when the guard is on), scheduler step. Every
-``trainer.monitor_every_n_steps`` steps and at each epoch end the monitor computes, for each
-hidden layer, the cross-fitted MD-LSM degree
-``layer_separability(H, y, method="degree", holdout=0.5)`` on a fixed probe set taken from
-the training data (``lsm/<layer>``) and on the test set (``val_lsm/<layer>``), plus the
-test loss and accuracy.
+configured optimizer when the guard is on), scheduler step. At step 0, at the last step and
+in between as :class:`~lsm_train.monitor.MonitorSchedule` decides (every
+``trainer.monitor_every_n_steps`` steps and at epoch ends, or, when that is null, spaced so
+that the monitor takes at most ``lsm.monitor.budget`` of the training time) the monitor
+computes, for each hidden layer, the cross-fitted separability
+``layer_separability(H, y, method=lsm.monitor.method, holdout=0.5)`` (default the fast
+``"fisher"`` score, all layers in one batched pass; docs/monitor.md) on a fixed probe set
+taken from the training data (``lsm/<layer>``) and on the test set (``val_lsm/<layer>``),
+plus the test loss and accuracy.
 
 Reproducibility: the batch order of epoch ``e`` is ``epoch_order(n, seed, e)``; checkpoints
 hold the model, optimizer, guard, scheduler and loss states, the RNG states, the position
