@@ -136,9 +136,11 @@ class MonitorSchedule:
 
     ``every_n_steps`` (an int >= 0) wins when given: evaluate at multiples of it (0: only
     at epoch ends) and at every epoch end. With ``every_n_steps=None`` the budget rules:
-    :meth:`due` is True at the last step, and elsewhere when
-    ``monitor_seconds + 2 · cost <= budget · train_seconds`` — ``cost`` the duration of the
-    latest timed evaluation (once for this one, once kept for the final one). Epoch ends are
+    :meth:`due` is True at the last step, and elsewhere when both
+    ``monitor_seconds + 2 · cost <= budget · train_seconds`` (``cost`` the duration of the
+    latest timed evaluation: once for this one, once kept for the final one) and
+    ``budget · (train_seconds − train seconds at the latest evaluation) >= cost`` (no
+    catching up in bursts: evaluations come at most at the budget's rate). Epoch ends are
     not forced. Before any evaluation is timed (a resumed run) the next one is due when
     ``monitor_seconds <= budget · train_seconds``. Time evaluations with :meth:`timed`;
     ``clock`` (seconds) is replaceable for tests.
@@ -162,6 +164,7 @@ class MonitorSchedule:
         self.clock = clock
         self.evaluations = 0
         self.cost: float | None = None
+        self.trained_at_last = 0.0  # training seconds when the latest evaluation started
 
     @property
     def uses_budget(self) -> bool:
@@ -176,12 +179,16 @@ class MonitorSchedule:
         if not self.uses_budget:
             n = self.every_n_steps
             return epoch_end or (n > 0 and step % n == 0)
-        reserve = 0.0 if self.cost is None else 2 * self.cost
-        return monitor_seconds + reserve <= self.budget * train_seconds
+        if self.cost is None:
+            return monitor_seconds <= self.budget * train_seconds
+        within = monitor_seconds + 2 * self.cost <= self.budget * train_seconds
+        return within and self.budget * (train_seconds - self.trained_at_last) >= self.cost
 
     @contextmanager
-    def timed(self):
-        """Time one evaluation: its duration becomes the current ``cost``."""
+    def timed(self, train_seconds: float = 0.0):
+        """Time one evaluation (started at ``train_seconds`` of training): its duration
+        becomes the current ``cost``."""
+        self.trained_at_last = float(train_seconds)
         start = self.clock()
         try:
             yield

@@ -675,7 +675,7 @@ class Trainer:
         scores are complete on rank 0). Its wall time is logged as ``time/monitor_s``."""
         started = time.perf_counter()
         try:
-            with self.schedule.timed():
+            with self.schedule.timed(max(self.elapsed - self.monitor_elapsed, 0.0)):
                 return self._monitor()
         finally:
             self.monitor_elapsed += time.perf_counter() - started
@@ -794,6 +794,7 @@ class Trainer:
         record["time/train_s"] = max(self.elapsed - self.monitor_elapsed, 0.0)
         if record["time/train_s"] > 0:
             record["time/monitor_fraction"] = self.monitor_elapsed / record["time/train_s"]
+        record["time/monitor_evaluations"] = self.schedule.evaluations  # in this process
         self.last.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
         self.tracker.log(record, step=self.step)
         return record

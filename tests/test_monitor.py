@@ -115,7 +115,7 @@ def test_budget_spaces_evaluations_and_keeps_the_fraction():
 
     def evaluate():
         nonlocal spent
-        with s.timed():
+        with s.timed(train):
             clock.now += 2.0
         spent += 2.0
 
@@ -129,6 +129,25 @@ def test_budget_spaces_evaluations_and_keeps_the_fraction():
     assert steps == [*range(48, 200, 16), 200]  # epoch ends (50, 100, 150) not forced
     assert s.cost == 2.0 and s.evaluations == len(steps) + 1
     assert spent / train == 24 / 200 <= 0.125
+
+
+def test_budget_does_not_catch_up_in_a_burst_after_an_expensive_first_evaluation():
+    """Step 0 costs 20 s, later evaluations 2 s: the first comes when 20 + 2·20 <= s / 8
+    (s = 480); afterwards the spent total is far below the budget, yet evaluations come
+    only every 2 / 0.125 = 16 steps."""
+    clock = FakeClock()
+    s = MonitorSchedule(budget=0.125, clock=clock)
+    with s.timed(0.0):
+        clock.now += 20.0
+    spent, steps = 20.0, []
+    for step in range(1, 601):
+        clock.now += 1.0
+        if s.due(step, float(step), spent):
+            with s.timed(float(step)):
+                clock.now += 2.0
+            spent += 2.0
+            steps.append(step)
+    assert steps == list(range(480, 601, 16))
 
 
 def test_budget_before_any_timed_evaluation_and_bad_values():
@@ -160,7 +179,7 @@ def test_trainer_budget_mode_logs_the_fraction_and_ends_with_an_evaluation(tmp_p
     records = read_metrics(tmp_path)
     monitored = [r["step"] for r in records if "lsm/mean" in r]
     assert monitored[0] == 0 and monitored[-1] == 12  # 2 epochs of 6 steps
-    assert t.schedule.evaluations == len(monitored)
+    assert t.schedule.evaluations == len(monitored) == records[-1]["time/monitor_evaluations"]
     last = records[-1]
     assert last["time/monitor_fraction"] == pytest.approx(
         last["time/monitor_s"] / last["time/train_s"])
