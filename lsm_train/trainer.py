@@ -481,7 +481,7 @@ class Trainer:
             self.layers = resolve_layers(self.module, spec)
         mon = _get(lcfg, "monitor", {})
         self.monitor_method = _get(mon, "method", "fisher")
-        # cross-fitting is defined for the degree only
+        # cross-fitting is defined for the degree and the fisher score
         holdout = _get(mon, "holdout", 0.5)
         self.monitor_holdout = holdout if self.monitor_method in ("degree", "fisher") else None
         self.monitor_gather = bool(_get(mon, "gather", True))
