@@ -212,8 +212,11 @@ def validate_config(cfg: DictConfig) -> None:
          "lsm.guard.max_retries: expected 0 with lsm.guard.scope=window (a rolled-back "
          "window cannot be retried)")
     method = _num(cfg, "lsm.monitor.method")
-    need(method in ("degree", "margin", "soft"),
-         f"lsm.monitor.method: expected degree, margin or soft, got {method!r}")
+    need(method in ("fisher", "degree", "margin", "soft"),
+         f"lsm.monitor.method: expected fisher, degree, margin or soft, got {method!r}")
+    budget = _num(cfg, "lsm.monitor.budget")
+    need(budget is None or (is_num(budget) and 0 < budget <= 1),
+         f"lsm.monitor.budget: expected a fraction in (0, 1], got {budget!r}")
     for key, low in (
         ("lsm.monitor.probe_size", 4),
         ("lsm.monitor.test_size", 4),
@@ -228,10 +231,13 @@ def validate_config(cfg: DictConfig) -> None:
         v = _num(cfg, key)
         need(isinstance(v, int) and not isinstance(v, bool) and v >= low,
              f"{key}: expected an integer >= {low}, got {v!r}")
-    for key in ("lsm.guard.tolerance", "lsm.guard.max_retries", "lsm.loss.warmup_steps",
-                "trainer.monitor_every_n_steps"):
+    for key in ("lsm.guard.tolerance", "lsm.guard.max_retries", "lsm.loss.warmup_steps"):
         v = _num(cfg, key)
         need(is_num(v) and v >= 0, f"{key}: expected a number >= 0, got {v!r}")
+    every = _num(cfg, "trainer.monitor_every_n_steps")
+    need(every is None or (is_num(every) and every >= 0),
+         f"trainer.monitor_every_n_steps: expected null (lsm.monitor.budget) or a number "
+         f">= 0, got {every!r}")
     backoff = _num(cfg, "lsm.guard.backoff")
     need(is_num(backoff) and 0 < backoff < 1,
          f"lsm.guard.backoff: expected a fraction in (0, 1), got {backoff!r}")

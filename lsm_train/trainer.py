@@ -2,12 +2,15 @@
 
 One step: forward a batch, ``loss = cross_entropy + reg(labels)`` when the LSM loss is on,
 backward, ``optimizer.step()`` (a :class:`~lsm_train.guard.SeparabilityGuard` around the
-configured optimizer when the guard is on), scheduler step. Every
-``trainer.monitor_every_n_steps`` steps and at each epoch end the monitor computes, for each
-hidden layer, the cross-fitted MD-LSM degree
-``layer_separability(H, y, method="degree", holdout=0.5)`` on a fixed probe set taken from
-the training data (``lsm/<layer>``) and on the test set (``val_lsm/<layer>``), plus the
-test loss and accuracy.
+configured optimizer when the guard is on), scheduler step. At step 0, at the last step and
+in between as :class:`~lsm_train.monitor.MonitorSchedule` decides (every
+``trainer.monitor_every_n_steps`` steps and at epoch ends, or, when that is null, spaced so
+that the monitor takes at most ``lsm.monitor.budget`` of the training time) the monitor
+computes, for each hidden layer, the cross-fitted separability
+``layer_separability(H, y, method=lsm.monitor.method, holdout=0.5)`` (default the fast
+``"fisher"`` score, all layers in one batched pass; docs/monitor.md) on a fixed probe set
+taken from the training data (``lsm/<layer>``) and on the test set (``val_lsm/<layer>``),
+plus the test loss and accuracy.
 
 Reproducibility: the batch order of epoch ``e`` is ``epoch_order(n, seed, e)``; checkpoints
 hold the model, optimizer, guard, scheduler and loss states, the RNG states, the position
@@ -204,31 +207,16 @@ def _evaluate_ddp(
     return total_loss / n, correct / n
 
 
-@torch.no_grad()
 def capture_layers(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, layers: list[str], batch_size: int = 512
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Float32 CPU features of each layer on ``x`` (eval mode) and the number of correct
-    predictions. ``x`` and ``y`` may live anywhere: each batch is moved to the model's
-    device (so a large probe can stay in host memory)."""
-    from lsm_train.capture import HiddenCapture
+    """Float32 CPU features (n, d) of each layer on ``x`` (eval mode; every module's own
+    train/eval flag is restored afterwards) and the number of correct predictions. ``x`` and
+    ``y`` may live anywhere: each batch is moved to the model's device."""
+    from lsm_train.monitor import capture
 
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else x.device
-    was_training = model.training
-    model.eval()
-    feats: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    correct = 0
-    with HiddenCapture(model, layers) as captured:
-        for start in range(0, x.shape[0], batch_size):
-            xb = x[start : start + batch_size].to(device)
-            yb = y[start : start + batch_size].to(device)
-            logits = model(xb)
-            correct += int((logits.argmax(1) == yb).sum())
-            for name in layers:
-                feats[name].append(captured[name].float().cpu())
-    model.train(was_training)
-    return {name: torch.cat(parts) for name, parts in feats.items() if parts}, correct
+    feats, stats = capture(model, x, y, layers, batch_size)
+    return {name: H.cpu() for name, H in feats.items()}, int(stats["correct"])
 
 
 def score_layers(
@@ -239,9 +227,18 @@ def score_layers(
     holdout: float | None = 0.5,
     seed: int = 0,
 ) -> dict[str, float]:
-    """``layer_separability`` of each layer's features (NaN with a warning when it fails)."""
+    """``layer_separability`` of each layer's features (NaN with a warning when it fails);
+    ``method="fisher"``: all layers in one batched pass (:func:`lsm_train.monitor.score_sets`)."""
     from lsm_train.measures.layer import layer_separability
 
+    if method == "fisher":
+        from lsm_train.monitor import score_sets
+
+        try:
+            return score_sets([(feats, y)], holdout=holdout, seed=seed)[0][0]
+        except ValueError as err:  # e.g. a probe too small to cross-fit: log null, go on
+            warnings.warn(f"MD-LSM not computed: {err}", RuntimeWarning, stacklevel=2)
+            return {name: float("nan") for name in feats}
     yc = y.cpu()
     scores = {}
     for name, H in feats.items():
@@ -438,7 +435,8 @@ class Trainer:
         if max_steps is not None:
             self.total_steps = min(self.total_steps, int(max_steps))
         self.log_every = max(1, int(_get(tcfg, "log_every_n_steps", 10)))
-        self.monitor_every = int(_get(tcfg, "monitor_every_n_steps", 50))
+        every = _get(tcfg, "monitor_every_n_steps", None)  # null: lsm.monitor.budget decides
+        self.monitor_every = None if every is None else int(every)
 
         # model -----------------------------------------------------------------
         if model_factory is not None:
@@ -491,15 +489,19 @@ class Trainer:
             spec = _plain(_get(lcfg, "layers", None))
             self.layers = resolve_layers(self.module, spec)
         mon = _get(lcfg, "monitor", {})
-        self.monitor_method = _get(mon, "method", "degree")
-        # cross-fitting is defined for the degree only
+        self.monitor_method = _get(mon, "method", "fisher")
+        # cross-fitting is defined for the degree and the fisher score
         holdout = _get(mon, "holdout", 0.5)
-        self.monitor_holdout = holdout if self.monitor_method == "degree" else None
+        self.monitor_holdout = holdout if self.monitor_method in ("degree", "fisher") else None
         self.monitor_gather = bool(_get(mon, "gather", True))
         probe_n = int(_get(mon, "probe_size", 512))
         test_n = int(_get(mon, "test_size", 512))
         self.probe = self.data.train.batch(torch.arange(min(probe_n, n)))
         self.test_probe = self.data.test.batch(torch.arange(min(test_n, len(self.data.test))))
+        from lsm_train.monitor import MonitorSchedule
+
+        self.schedule = MonitorSchedule(float(_get(mon, "budget", 0.03)), self.monitor_every)
+        self._layouts: dict[str, Any] = {}  # fisher layouts of the probe and test labels
 
         # optimizer, guard, loss, scheduler -------------------------------------------
         self.optimizer = self._build_optimizer(_get(cfg, "optim", {}))
@@ -682,11 +684,14 @@ class Trainer:
         scores are complete on rank 0). Its wall time is logged as ``time/monitor_s``."""
         started = time.perf_counter()
         try:
-            return self._monitor()
+            with self.schedule.timed(max(self.elapsed - self.monitor_elapsed, 0.0)):
+                return self._monitor()
         finally:
             self.monitor_elapsed += time.perf_counter() - started
 
     def _monitor(self) -> dict[str, float]:
+        if self.monitor_on and self.layers and not self.ddp and self.monitor_method == "fisher":
+            return self._monitor_batched()
         if self.ddp:
             val_loss, val_acc = _evaluate_ddp(
                 self.module, self.data.test, self.device, self.eval_batch_size
@@ -722,6 +727,50 @@ class Trainer:
                 self.history_lsm_mean = out["lsm/mean"]
         return out
 
+    def _layout(self, key: str, labels: torch.Tensor) -> Any:
+        """The fisher layout of the probe (or test) labels, built once; None when those
+        labels cannot be cross-fitted (the scores are then NaN, with a warning)."""
+        if key not in self._layouts:
+            from lsm_train.measures.fisher import FisherLayout
+
+            try:
+                self._layouts[key] = FisherLayout(labels, "pairwise", self.monitor_holdout,
+                                                  self.seed, device=self.device)
+            except ValueError as err:
+                warnings.warn(f"MD-LSM of the {key} set not computed: {err}", RuntimeWarning,
+                              stacklevel=2)
+                self._layouts[key] = None
+        return self._layouts[key]
+
+    def _monitor_batched(self) -> dict[str, float]:
+        """One forward over the probe and one over the test set (the first ``test_size``
+        rows captured), every layer of both scored in one batched pass, one host read."""
+        from lsm_train.monitor import capture, score_sets
+
+        px, py = self.probe
+        probe_feats, probe = capture(self.module, px, py, self.layers, self.eval_batch_size)
+        test_feats, test = capture(self.module, self.data.test, None, self.layers,
+                                   self.eval_batch_size, keep=self.test_probe[0].shape[0])
+        layouts = (self._layout("probe", py), self._layout("test", self.test_probe[1]))
+        sets = [(f, lay) if lay is not None else ({}, None)
+                for f, lay in zip((probe_feats, test_feats), layouts, strict=True)]
+        scores, (correct_p, correct_t, loss_t) = score_sets(
+            sets, extra=(probe["correct"], test["correct"], test["loss"]))
+        nan = dict.fromkeys(self.layers, float("nan"))
+        lsm, val_lsm = (s or nan for s in scores)
+        n_test = max(1, len(self.data.test))
+        out = {"val/loss": loss_t / n_test, "val/acc": correct_t / n_test,
+               "probe/acc": correct_p / max(1, px.shape[0])}
+        out.update({f"lsm/{k}": v for k, v in lsm.items()})
+        out.update({f"val_lsm/{k}": v for k, v in val_lsm.items()})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN mean -> NaN
+            out["lsm/mean"] = float(np.nanmean(list(lsm.values())))
+            out["val_lsm/mean"] = float(np.nanmean(list(val_lsm.values())))
+        if math.isfinite(out["lsm/mean"]):
+            self.history_lsm_mean = out["lsm/mean"]
+        return out
+
     def _train_metrics(self) -> dict[str, float]:
         s = self._reduced_sums() if self.ddp else self.acc_sums
         out: dict[str, float] = {}
@@ -752,6 +801,9 @@ class Trainer:
         # lsm=off does not monitor
         record["time/monitor_s"] = self.monitor_elapsed
         record["time/train_s"] = max(self.elapsed - self.monitor_elapsed, 0.0)
+        if record["time/train_s"] > 0:
+            record["time/monitor_fraction"] = self.monitor_elapsed / record["time/train_s"]
+        record["time/monitor_evaluations"] = self.schedule.evaluations  # in this process
         self.last.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
         self.tracker.log(record, step=self.step)
         return record
@@ -786,6 +838,20 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         return float(loss.detach()), logits.detach()
+
+    def _monitor_due(self, epoch_end: bool, last: bool) -> bool:
+        """The schedule's decision after this step; under DDP with the budget, checked at
+        log steps and agreed by all ranks (any rank due: all evaluate)."""
+        budget_ddp = self.ddp and self.schedule.uses_budget and not last
+        if budget_ddp and self.step % self.log_every:
+            return False
+        train_s = max(self.elapsed - self.monitor_elapsed, 0.0)
+        due = self.schedule.due(self.step, train_s, self.monitor_elapsed, epoch_end=epoch_end,
+                                last=last)
+        if budget_ddp:
+            (votes,) = dist_utils.all_reduce_sum([1.0 if due else 0.0], device=self.device)
+            due = votes > 0
+        return due
 
     def fit(self) -> TrainResult:
         if self.tracker is None:
@@ -853,13 +919,12 @@ class Trainer:
                         s["count"] += int(y.shape[0])
                         end_of_epoch = self.batch_in_epoch >= self.steps_per_epoch
                         last_step = self.step >= self.total_steps
-                        mon = self.monitor_on and self.monitor_every > 0 and (
-                            self.step % self.monitor_every == 0
-                        )
+                        mon = self.monitor_on and self._monitor_due(end_of_epoch, last_step)
                         if end_of_epoch or last_step:
                             self.epoch += int(end_of_epoch)
                             self.batch_in_epoch = 0 if end_of_epoch else self.batch_in_epoch
-                            self._log(self.monitor())
+                            # lsm=off: val loss/acc at epoch ends (monitor() without layers)
+                            self._log(self.monitor() if mon or not self.monitor_on else None)
                             self.save()
                         elif mon:
                             self._log(self.monitor())

@@ -299,7 +299,7 @@ def test_identical_sets_and_single_points():
 def test_ledoit_wolf_shrinkage_matches_sklearn(n, d):
     from sklearn.covariance import ledoit_wolf_shrinkage
 
-    from lsm_train.measures.degree import _Metric, _reduce_rows
+    from lsm_train.measures.directions import _Metric, _reduce_rows
 
     rng = np.random.default_rng(31)
     X = torch.tensor(rng.normal(size=(n, d)) * np.exp(rng.normal(size=d)) + 3.0)
@@ -313,8 +313,9 @@ def test_ledoit_wolf_shrinkage_matches_sklearn(n, d):
 
 
 def test_fit_without_selection_returns_every_shrinkage_lda():
-    """_fit(select=False): the unit LDA directions Σ_α⁻¹(μ_A − μ_B), one per α, in order."""
-    from lsm_train.measures.degree import _fit
+    """fit_directions(select=False): the unit LDA directions Σ_α⁻¹(μ_A − μ_B), one per α, in
+    order."""
+    from lsm_train.measures.directions import fit_directions as _fit
 
     rng = np.random.default_rng(32)
     X = torch.tensor(rng.normal(size=(60, 5)))
@@ -333,7 +334,7 @@ def test_fit_without_selection_returns_every_shrinkage_lda():
 def test_fit_span_path_gives_the_full_space_lda_direction():
     """d > n: the span (Gram) path returns the same unit direction Σ_α⁻¹(μ_A − μ_B) as the
     d × d solve, so the cross-fitted score has no jump where the path switches."""
-    from lsm_train.measures.degree import _fit
+    from lsm_train.measures.directions import fit_directions as _fit
 
     rng = np.random.default_rng(33)
     n, d = 24, 40

@@ -219,12 +219,12 @@ def test_bad_input(H, y, kw, match):
 def test_blocked_computation_for_many_problems(monkeypatch):
     """Tiny memory blocks (as many classes would need): candidates-only values are identical
     to the unblocked run, refined values stay certified lower bounds of the exact 2-D degree."""
-    import lsm_train.measures.degree as degree
+    import lsm_train.measures.directions as engine
 
     H, y = blobs(12, 6, 2, 1.5, seed=14)
     ref = lt.layer_separability(H, y, max_iter=0, return_details=True)[1]["pairs"]
-    monkeypatch.setattr(degree, "_MAX_CELLS", 64)
-    monkeypatch.setattr(degree, "_ASCENT_CELLS", 64)
+    monkeypatch.setattr(engine, "_MAX_CELLS", 64)
+    monkeypatch.setattr(engine, "_ASCENT_CELLS", 64)
     assert lt.layer_separability(H, y, max_iter=0, return_details=True)[1]["pairs"] == ref
     _, det = lt.layer_separability(H, y, return_details=True)
     for (i, j), value in det["pairs"].items():

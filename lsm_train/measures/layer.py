@@ -1,4 +1,4 @@
-"""Layer score: the multi-class MD-LSM of one hidden layer (DESIGN §2, "Layer score").
+"""Layer score: the multi-class MD-LSM of one hidden layer (docs: ``docs/monitor.md``).
 
 Features H (n × d, or a conv map / token sequence reduced by ``reduce``, see
 :mod:`lsm_train.features`) and integer labels y with K >= 2 classes:
@@ -7,6 +7,9 @@ Features H (n × d, or a conv map / token sequence reduced by ``reduce``, see
 * ``scheme="ovr"``: the mean of m(class c, rest) over the K classes.
 
 ``method`` picks m: ``"degree"`` (:func:`~lsm_train.measures.degree.md_lsm`, in [0.5, 1]),
+``"fisher"`` (:mod:`~lsm_train.measures.fisher`: the exact AUC of the shrunk Fisher direction
+of each problem, all problems from one factorization and one sort — the fast monitoring
+score; in-sample a lower bound of the degree, cross-fitted with the degree's split),
 ``"margin"`` (:func:`~lsm_train.measures.margin.md_lsm_margin`, the distance between the
 hulls, in the features' units) or ``"soft"`` (:func:`~lsm_train.surrogate.soft_md_lsm`,
 the differentiable surrogate at its default temperature; returned as a float).
@@ -45,7 +48,7 @@ given α. Classes with fewer than 2 samples
 cannot be split: they are left out of the cross-fitted score (pairs involving them are
 dropped, and for ``ovr`` their samples are dropped from "rest") with a ``UserWarning``;
 fewer than 2 splittable classes raise ValueError. ``holdout`` is only defined for
-``method="degree"``.
+``method="degree"`` and ``method="fisher"``.
 
 ``return_details=True`` returns ``(score, details)`` with ``details["pairs"]`` =
 {(i, j): value} (pairwise, i < j class labels) or {(c, "rest"): value} (ovr),
@@ -57,18 +60,18 @@ left out (cross-fitting only). The score is the plain mean of ``details["pairs"]
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 
 from .._validation import _as_float, check_features_labels, check_fraction, to_tensor
 from ..features import reduce_features
-from .degree import _auc2_counts, _exact_u2, _fit, _int_arg, _Problems, _scores
+from .directions import Problems, auc2_counts, check_int, exact_u2, fit_directions, row_scores
+from .fisher import FisherLayout, crossfit_classes, fisher_values, stratified_split
 
 __all__ = ["layer_separability", "METHODS", "SCHEMES"]
 
-METHODS = ("degree", "margin", "soft")
+METHODS = ("degree", "fisher", "margin", "soft")
 SCHEMES = ("pairwise", "ovr")
 _ALPHAS = (1e-6, 0.1, 1.0)  # shrinkage-LDA candidates (1.0: mean difference)
 # cross-fitting: shrinkage grid for the inner split, most regularized first ("lw": the
@@ -98,24 +101,12 @@ def _auc_values(X: torch.Tensor, W: torch.Tensor, pairs, *, orient: bool) -> lis
     scores, so tied points stay tied)."""
     out = []
     for k, (ia, ib) in enumerate(pairs):
-        u2 = int(_auc2_counts(_scores(X[ia], W[:, k]), _scores(X[ib], W[:, k])))
+        u2 = int(auc2_counts(row_scores(X[ia], W[:, k]), row_scores(X[ib], W[:, k])))
         total = 2 * ia.numel() * ib.numel()
         if orient:
             u2 = max(u2, total - u2)
         out.append(u2 / total)
     return out
-
-
-def _split(index: dict, classes: list[int], frac: float, gen: torch.Generator):
-    """Seeded stratified split: per class a random part of round(frac·n_c) rows (at least
-    1, at most n_c − 1) and the rest."""
-    parts: list[dict[int, torch.Tensor]] = [{}, {}]
-    for c in classes:
-        idx = index[c]
-        perm = idx[torch.randperm(idx.numel(), generator=gen).to(idx.device)]
-        k = min(max(round(frac * idx.numel()), 1), idx.numel() - 1)
-        parts[0][c], parts[1][c] = perm[:k], perm[k:]
-    return parts
 
 
 def _stack(X: torch.Tensor, part: dict, classes: list[int], scheme: str):
@@ -139,15 +130,15 @@ def _choose_alpha(X, part: dict, classes: list[int], scheme: str, gen) -> float 
     ok = [c for c in classes if part[c].numel() >= 2]
     if len(ok) < 2:
         return "lw"
-    inner = _split(part, ok, 0.5, gen)
+    inner = stratified_split(part, ok, 0.5, gen)
     score = torch.zeros(len(_HOLDOUT_ALPHAS), dtype=torch.float64)
     for a, b in ((inner[0], inner[1]), (inner[1], inner[0])):
         Xa, pairs_a, groups_a, _ = _stack(X, a, ok, scheme)
         Xb, pairs_b, _, _ = _stack(X, b, ok, scheme)
-        W = _fit(Xa, groups_a, pairs_a, alphas=_HOLDOUT_ALPHAS, n_random=0, n_starts=0,
-                 max_iter=0, subsample=2, seed=0, select=False)  # (d, K, C)
-        P = _Problems.build(pairs_b, X.device)
-        u2 = _exact_u2(Xb, W.permute(1, 0, 2).contiguous(), P)  # (K, C)
+        W = fit_directions(Xa, groups_a, pairs_a, alphas=_HOLDOUT_ALPHAS, n_random=0,
+                           n_starts=0, max_iter=0, subsample=2, seed=0, select=False)  # (d, K, C)
+        P = Problems.build(pairs_b, X.device)
+        u2 = exact_u2(Xb, W.permute(1, 0, 2).contiguous(), P)  # (K, C)
         score += (u2.double() / (2 * P.na * P.nb).double()[:, None]).mean(0).cpu()
     return _HOLDOUT_ALPHAS[int(torch.argmax(score))]
 
@@ -157,34 +148,20 @@ def _degree(X, labels, scheme, holdout, seed, fit_kw):
     index = {c: (labels == c).nonzero().reshape(-1) for c in classes}
     if holdout is None:
         keys, pairs = _tasks(classes, index, scheme)
-        W = _fit(X, [index[c] for c in classes], pairs, seed=seed, **fit_kw)
+        W = fit_directions(X, [index[c] for c in classes], pairs, seed=seed, **fit_kw)
         return keys, _auc_values(X, W, pairs, orient=True), classes, []
 
-    skipped = [c for c in classes if index[c].numel() < 2]
-    classes = [c for c in classes if index[c].numel() >= 2]
-    if skipped:
-        warnings.warn(
-            f"layer_separability(holdout={holdout}): classes {skipped} have fewer than 2 "
-            "samples and cannot be split; they are left out of the cross-fitted score",
-            UserWarning,
-            stacklevel=3,
-        )
-    if len(classes) < 2:
-        raise ValueError(
-            f"holdout: cross-fitting needs at least 2 classes with >= 2 samples each, got "
-            f"{len(classes)} (class sizes: "
-            f"{ {c: int(index[c].numel()) for c in classes + skipped} })"
-        )
+    classes, skipped = crossfit_classes(index, classes, holdout, stacklevel=4)
     gen = torch.Generator().manual_seed(int(seed))
-    parts = _split(index, classes, holdout, gen)
+    parts = stratified_split(index, classes, holdout, gen)
 
     sums = None
     for fit_part, eval_part in ((parts[0], parts[1]), (parts[1], parts[0])):
         Xf, pairs_f, groups_f, keys = _stack(X, fit_part, classes, scheme)
         Xe, pairs_e, _, _ = _stack(X, eval_part, classes, scheme)
         alpha = _choose_alpha(X, fit_part, classes, scheme, gen)
-        W = _fit(Xf, groups_f, pairs_f, alphas=(alpha,), n_random=0, n_starts=0, max_iter=0,
-                 subsample=2, seed=seed)
+        W = fit_directions(Xf, groups_f, pairs_f, alphas=(alpha,), n_random=0, n_starts=0,
+                           max_iter=0, subsample=2, seed=seed)
         auc = _auc_values(Xe, W, pairs_e, orient=False)
         sums = auc if sums is None else [s + a for s, a in zip(sums, auc, strict=True)]
     return keys, [s / 2 for s in sums], classes, skipped
@@ -209,7 +186,7 @@ def layer_separability(
         H: (n, d) features, (n, C, H, W) conv maps or (n, T, D) token sequences; torch
             tensor (any device) or numpy array.
         y: integer class labels >= 0, shape (n,), at least two classes.
-        method: ``"degree"``, ``"margin"`` or ``"soft"``.
+        method: ``"degree"``, ``"fisher"``, ``"margin"`` or ``"soft"``.
         scheme: ``"pairwise"`` (mean over class pairs) or ``"ovr"`` (class vs rest).
         holdout: None (in-sample) or a fraction in (0, 1): cross-fitted degree.
         reduce: how to reduce maps/sequences to vectors (see :mod:`lsm_train.features`).
@@ -225,24 +202,28 @@ def layer_separability(
     if scheme not in SCHEMES:
         raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
     if holdout is not None:
-        if method != "degree":
+        if method not in ("degree", "fisher"):
             raise ValueError(
-                f"holdout: cross-fitting is only defined for method='degree' (directions "
-                f"fitted on one part, scored on the other); got method={method!r} with "
-                f"holdout={holdout!r}. Use holdout=None."
+                f"holdout: cross-fitting is only defined for method='degree' or 'fisher' "
+                f"(directions fitted on one part, scored on the other); got method={method!r}"
+                f" with holdout={holdout!r}. Use holdout=None."
             )
         holdout = check_fraction(holdout, "holdout")
     fit_kw = {
         "alphas": _ALPHAS,
         "n_random": 0,
         "n_starts": 1,
-        "max_iter": _int_arg(max_iter, "max_iter", 0),
-        "subsample": _int_arg(subsample, "subsample", 2),
+        "max_iter": check_int(max_iter, "max_iter", 0),
+        "subsample": check_int(subsample, "subsample", 2),
     }
     X, labels = check_features_labels(_features(H, reduce), y)
     skipped: list[int] = []
 
-    if method == "degree":
+    if method == "fisher":
+        layout = FisherLayout(labels, scheme, holdout, seed, device=X.device)
+        keys, classes, skipped = layout.keys, layout.classes, layout.skipped
+        values = fisher_values(X, layout).tolist()
+    elif method == "degree":
         keys, values, classes, skipped = _degree(
             X.double(), labels, scheme, holdout, seed, fit_kw
         )
