@@ -107,6 +107,8 @@ def build(opt_name="adam", bn=True, seed=0, **kw):
     torch.manual_seed(seed)
     model = Net(bn=bn)
     inner = OPTIMIZERS[opt_name](model.parameters())
+    if isinstance(kw.get("measure"), Scripted):
+        kw.setdefault("z", 0.0)  # the fixed-margin rule: one measure call per layer
     guard = SeparabilityGuard(inner, model, make_data(30, seed=1), **kw)
     return model, inner, guard
 
@@ -176,7 +178,8 @@ def test_accept_equals_plain_step_and_reject_restores_bitwise(opt_name):
     guard.step()  # before reused (0.6), after 0.1: rejected
     assert guard.last_decision == GuardDecision(False, 0.6, 0.1, 0, False, True)
     assert_same(model, inner, snap)
-    assert guard.stats == dict(steps=2, checks=2, accepted=1, rejected=1, retries=0, forced=0)
+    assert guard.stats == dict(steps=2, checks=2, accepted=1, rejected=1, retries=0, forced=0,
+                               nonfinite=0, low_acceptance=0)
 
 
 @pytest.mark.parametrize("opt_name", ["adam", "adamw", "sgd_momentum"])
@@ -189,7 +192,7 @@ def test_rejected_first_step_deletes_lazily_created_state(opt_name):
     assert len(inner.state) == 0
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
     # the next (accepted) step builds state exactly like a fresh optimizer
-    guard.measure = Scripted([0.9])
+    guard.scorer.measure = Scripted([0.9])
     ref = copy.deepcopy(model)
     ref_opt = OPTIMIZERS[opt_name](ref.parameters())
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
@@ -238,7 +241,7 @@ def test_retries_scale_lr_then_restore_exact_lr():
     inner = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     guard = SeparabilityGuard(
         inner, model, make_data(30, seed=1), layers=["act"],
-        measure=Scripted([0.5, 0.1, 0.2, 0.7]), max_retries=3, backoff=0.5,
+        measure=Scripted([0.5, 0.1, 0.2, 0.7]), z=0.0, max_retries=3, backoff=0.5,
     )
     ref = copy.deepcopy(model)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=lr * 0.5**2, momentum=0.9)
@@ -369,7 +372,7 @@ def test_probe_callable_and_refresh():
     model = Net(bn=False)
     guard = SeparabilityGuard(torch.optim.SGD(model.parameters(), lr=0.01), model, probe,
                               tolerance=1.0)
-    assert calls[0] == 0  # read lazily
+    assert calls[0] == 1  # read and checked when the guard is built
     forwards = count_probe_forwards(model)
     backward(model, *make_data())
     guard.step()
@@ -384,7 +387,7 @@ def test_probe_callable_and_refresh():
 
     x2, y2 = make_data(20, seed=9)
     guard.refresh_probe((x2, y2))
-    assert guard._probe_data()[0] is x2
+    assert guard.scorer.probe.inputs is x2
 
 
 def test_tensor_probe_modified_in_place_invalidates():
@@ -392,7 +395,7 @@ def test_tensor_probe_modified_in_place_invalidates():
     forwards = count_probe_forwards(model)
     backward(model, *make_data())
     guard.step()
-    guard._probe_data()[0].mul_(1.5)
+    guard.scorer.probe.inputs.mul_(1.5)
     guard.step()
     assert forwards[0] == 4
 
@@ -509,7 +512,7 @@ def _save_and_resume(tmp_path, model, guard, steps, seed, rebuild):
 
 @pytest.mark.parametrize("bn,track", [(True, True), (True, False), (False, True)])
 def test_resume_equals_uninterrupted_bitwise(tmp_path, bn, track):
-    kw = dict(max_retries=1, track_buffers=track)
+    kw = dict(max_retries=1, track_buffers=track, z=0.0)  # z=0: rejections to replay
     N, k = 8, 3
 
     model, inner, guard = build("adam", bn=bn, **kw)
@@ -605,9 +608,9 @@ def test_pickle_roundtrip_with_callable_probe():
 def test_snapshot_buffers_allocated_once(device):
     model, inner, guard = build("adam", tolerance=1.0, snapshot_device=device)
     _train(model, guard, 2, seed=0)
-    ptrs = {k: b.data_ptr() for k, b in guard._buffers.items()}
+    ptrs = {k: b.data_ptr() for k, b in guard.snapshot._buffers.items()}
     _train(model, guard, 3, seed=2)
-    assert {k: b.data_ptr() for k, b in guard._buffers.items()} == ptrs
+    assert {k: b.data_ptr() for k, b in guard.snapshot._buffers.items()} == ptrs
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     state_bytes = sum(
         v.numel() * v.element_size() for s in inner.state.values() for v in s.values()
@@ -621,7 +624,8 @@ def test_stats_and_last_decision_fields():
     assert guard.last_decision is None
     _train(model, guard, 2, seed=0)
     assert guard.last_decision == GuardDecision(True, None, None, 0, False, False)
-    assert set(guard.stats) == {"steps", "checks", "accepted", "rejected", "retries", "forced"}
+    assert set(guard.stats) == {"steps", "checks", "accepted", "rejected", "retries", "forced",
+                                "nonfinite", "low_acceptance"}
     assert guard.stats["checks"] == guard.stats["accepted"] + guard.stats["rejected"] == 1
 
 
@@ -658,7 +662,8 @@ def test_window_accepts_all_steps_with_one_probe_forward_per_window():
             o.step()
         assert guard.last_decision.checked == (i % 3 == 2)
     assert forwards[0] == 1 + 3  # the first window's start, then one per window end
-    assert guard.stats == dict(steps=9, checks=3, accepted=3, rejected=0, retries=0, forced=0)
+    assert guard.stats == dict(steps=9, checks=3, accepted=3, rejected=0, retries=0, forced=0,
+                               nonfinite=0, low_acceptance=0)
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
         assert torch.equal(p, q)
 
@@ -694,7 +699,8 @@ def test_window_rejection_rolls_back_the_whole_window_bitwise():
 def test_window_of_one_step_takes_the_step_scope_decisions():
     runs = []
     for scope in ("step", "window"):
-        model, inner, guard = build("adam", bn=False, scope=scope, max_consecutive_rejects=None)
+        model, inner, guard = build("adam", bn=False, scope=scope, max_consecutive_rejects=None,
+                                    z=0.0)
         torch.manual_seed(3)
         _train(model, guard, 6, seed=40)
         runs.append(([p.detach().clone() for p in model.parameters()], dict(guard.stats)))
@@ -711,7 +717,9 @@ def wobbly(H: torch.Tensor, y: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("stop", [4, 5, 6])  # inside a window (4, 5) and at its boundary
 def test_window_resume_equals_uninterrupted_bitwise(tmp_path, stop):
-    kw = dict(scope="window", check_every=3, max_consecutive_rejects=None, measure=wobbly)
+    # z > 0: the replicates of the cached and of the window's "before" score are saved too
+    kw = dict(scope="window", check_every=3, max_consecutive_rejects=None, measure=wobbly,
+              z=0.1, groups=4)
     N = 10
     model, inner, guard = build("adam", **kw)
     torch.manual_seed(11)
