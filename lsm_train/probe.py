@@ -2,6 +2,7 @@
 
     scorer = ProbeScorer(model, (x, y), layers=["fc1", "fc2"], measure="soft", groups=10)
     table = scorer.scores()        # (L, 1 + G) float64: value, then G jackknife replicates
+    feats = scorer.forward()       # or in two parts: features, then values / replicates
 
 Contract (docs/guard.md, "The probe"):
 
@@ -147,6 +148,8 @@ def probe_forward(model: nn.Module, probe: Probe,
     """Features of ``layer_names`` and the output of one clean probe forward pass."""
     module = unwrap_model(model)
     with eval_mode(module), torch.no_grad():
+        if not layer_names:
+            return {}, probe.call(module)
         with HiddenCapture(module, layer_names) as feats:
             output = probe.call(module)
     missing = [n for n in layer_names if n not in feats]
@@ -222,20 +225,41 @@ class ProbeScorer:
         self.probe = as_probe(probe, self.model)
         self._keep = jackknife_groups(self.probe.labels, self.groups) if self.groups else []
 
-    def scores(self) -> torch.Tensor:
-        """(L, 1 + G) float64 on the CPU: each row a layer's value, then its replicates."""
-        y = self.probe.labels
+    def forward(self) -> dict[str, torch.Tensor]:
+        """One clean probe forward: the features of each layer (for ``"loss"``, the
+        per-sample cross-entropy under the name ``"loss"``)."""
         if self.measure == "loss":
             _, out = probe_forward(self.model, self.probe, [])
-            losses = _per_sample_loss(out, y)
-            rows = [[-float(losses.mean())] + [-float(losses[k].mean()) for k in self._keep]]
-            return torch.tensor(rows, dtype=torch.float64)
+            return {"loss": _per_sample_loss(out, self.probe.labels)}
         feats, _ = probe_forward(self.model, self.probe, self.layer_names)
+        return feats
+
+    def values(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(L,) float64 on the CPU: each layer's score on the whole probe."""
+        return self._table(feats, [None])[:, 0]
+
+    def replicates(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(L, G) float64 on the CPU: each layer's score with group g left out."""
+        if not self._keep:
+            raise ValueError("replicates: this scorer was built with groups=0")
+        return self._table(feats, self._keep)
+
+    def scores(self) -> torch.Tensor:
+        """(L, 1 + G) float64 on the CPU: each row a layer's value, then its replicates."""
+        return self._table(self.forward(), [None, *self._keep])
+
+    def _table(self, feats: dict[str, torch.Tensor], keeps: list[Any]) -> torch.Tensor:
+        y = self.probe.labels
+        if self.measure == "loss":
+            losses = feats["loss"]
+            rows = [[-float(losses.mean() if k is None else losses[k].mean()) for k in keeps]]
+            return torch.tensor(rows, dtype=torch.float64)
         fn = _layer_measure(self.measure, self.tau)
         rows = []
         for name in self.layer_names:
             H = feats[name]
-            rows.append([_value(fn, H, y)] + [_value(fn, H[k], y[k]) for k in self._keep])
+            rows.append([_value(fn, H, y) if k is None else _value(fn, H[k], y[k])
+                         for k in keeps])
         return torch.tensor(rows, dtype=torch.float64)
 
 

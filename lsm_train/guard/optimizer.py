@@ -27,7 +27,7 @@ from lsm_train.capture import unwrap_model
 from lsm_train.guard import rule
 from lsm_train.guard.options import check_options
 from lsm_train.guard.persist import GuardPersistence
-from lsm_train.guard.rule import GuardDecision, Score
+from lsm_train.guard.rule import GuardDecision, Score, Scored
 from lsm_train.guard.snapshot import Snapshot
 from lsm_train.probe import ProbeScorer, digest, version_key
 
@@ -94,10 +94,10 @@ class SeparabilityGuard(GuardPersistence, torch.optim.Optimizer):
         self.last_decision: GuardDecision | None = None
         self.last_layer_scores: dict[str, float] = {}
         self._rejects = self._nonfinite_run = 0
-        self._cache: tuple[Score, tuple] | None = None  # (score, version key)
+        self._cache: tuple[Scored, tuple] | None = None  # (score, version key)
         self._pending: tuple[Score, str] | None = None  # (score, digest) after a load
         self.snapshot = Snapshot(self.snapshot_device)
-        self._window_before: Score | None = None
+        self._window_before: Scored | None = None
 
     # ------------------------------------------------------------- sharing, probe ------
     def _relink(self) -> None:
@@ -126,22 +126,33 @@ class SeparabilityGuard(GuardPersistence, torch.optim.Optimizer):
         self._probe_version += 1
         self._cache = self._pending = None
         if self._window_before is not None:  # no comparable score: the window is kept
-            self._window_before = Score(math.nan)
+            self._window_before = Scored(Score(math.nan))
 
     def _probe_data(self) -> Any:
         return self.scorer.probe if self.scorer else None
 
     # ------------------------------------------------------------- scoring -------------
-    def _score(self) -> Score:
-        table = self.scorer.scores().to(self._device())
-        table = _all_reduce_mean(table, self.process_group).cpu()
-        self.last_layer_scores = dict(zip(self.layer_names, table[:, 0].tolist(), strict=True))
-        mean = table.mean(0).tolist()
-        return Score(mean[0], tuple(mean[1:]) or None)
+    def _score(self) -> Scored:
+        feats = self.scorer.forward()
+        values = self._reduce(self.scorer.values(feats))
+        self.last_layer_scores = dict(zip(self.layer_names, values.tolist(), strict=True))
+        return Scored(Score(float(values.mean())), feats)
+
+    def _reduce(self, table: torch.Tensor) -> torch.Tensor:
+        return _all_reduce_mean(table.to(self._device()), self.process_group).cpu()
+
+    def _with_replicates(self, scored: Scored, local: bool = False) -> Scored:
+        """``scored`` with its jackknife replicates (all-reduced unless ``local``), computed
+        from its features on first need."""
+        if scored.score.replicates is not None or scored.feats is None or not self.z:
+            return scored
+        table = self.scorer.replicates(scored.feats)
+        reps = (table if local else self._reduce(table)).mean(0)
+        return Scored(Score(scored.score.value, tuple(reps.tolist())), scored.feats)
 
     def score(self) -> float:
         """Mean layer score of the current weights on the probe (all-reduced under DDP)."""
-        return self._score().value
+        return self._score().score.value
 
     def _device(self) -> torch.device:
         params = self._params()
@@ -158,28 +169,31 @@ class SeparabilityGuard(GuardPersistence, torch.optim.Optimizer):
         buffers = list(unwrap_model(self.model).buffers()) if self.track_buffers else []
         return digest(self._params() + buffers + self.scorer.probe.tensors)
 
-    def _score_before(self) -> Score | None:
+    def _score_before(self) -> Scored | None:
         if self.scorer is None:
             return None
         cached = None
         if self._cache is not None and self._cache[1] == self._key():
             cached = self._cache[0]
         elif self._pending is not None and self._pending[1] == self._digest():
-            cached = self._pending[0]
+            cached = Scored(self._pending[0])
         self._pending = None
         return cached if _all_true(cached is not None, self) else self._score()
 
-    def _attempt(self, before: Score | None) -> tuple[rule.Verdict, Score | None]:
-        """Judge the parameters now in place against ``before``."""
+    def _attempt(self, before: Scored | None) -> tuple[rule.Verdict, Scored | None, Scored | None]:
+        """Judge the parameters now in place against ``before``: (verdict, before, after),
+        ``before`` with its replicates when the SE was needed."""
         finite = _all_finite(self._params())
         self.stats["nonfinite"] += int(not finite)
         if self.scorer is None:
             keep = finite and self.rng.random() < self.accept_rate
-            return rule.Verdict(keep, finite, math.nan, math.nan), None
-        after = self._score() if finite else Score(math.nan)
-        verdict = rule.judge(before, after, z=self.z, tolerance=self.tolerance)
+            return rule.Verdict(keep, finite, math.nan, math.nan), None, None
+        after = self._score() if finite else Scored(Score(math.nan))
+        if rule.needs_se(before.score, after.score, self.tolerance):
+            before, after = self._with_replicates(before), self._with_replicates(after)
+        verdict = rule.judge(before.score, after.score, z=self.z, tolerance=self.tolerance)
         self.stats["nonfinite"] += int(finite and not verdict.finite)
-        return verdict, after
+        return verdict, before, after
 
     # ------------------------------------------------------------- step ----------------
     def _inner_step(self, closure: Any, first: bool) -> Any:
@@ -204,7 +218,7 @@ class SeparabilityGuard(GuardPersistence, torch.optim.Optimizer):
         self.snapshot.take(self._params(), self.optimizer)
         lrs = [g["lr"] for g in self.param_groups]
         loss = self._inner_step(closure, first=True)
-        verdict, after = self._attempt(before)
+        verdict, before, after = self._attempt(before)
         retries, nonfinite = 0, int(not verdict.finite)
         while not verdict.accepted and retries < self.max_retries:
             self.snapshot.restore(self.optimizer)
@@ -212,7 +226,7 @@ class SeparabilityGuard(GuardPersistence, torch.optim.Optimizer):
             for g, lr in zip(self.param_groups, lrs, strict=True):
                 g["lr"] = lr * self.backoff**retries
             self._inner_step(closure, first=False)
-            verdict, after = self._attempt(before)
+            verdict, before, after = self._attempt(before)
             nonfinite += int(not verdict.finite)
         self.stats["retries"] += retries
         for g, lr in zip(self.param_groups, lrs, strict=True):
@@ -231,12 +245,11 @@ class SeparabilityGuard(GuardPersistence, torch.optim.Optimizer):
         if position < self.check_every - 1:
             self.last_decision = _UNCHECKED
             return loss
-        verdict, after = self._attempt(self._window_before)
-        self._conclude(verdict, self._window_before, after, 0, int(not verdict.finite),
-                       groups_too=False)
+        verdict, before, after = self._attempt(self._window_before)
+        self._conclude(verdict, before, after, 0, int(not verdict.finite), groups_too=False)
         return loss
 
-    def _conclude(self, verdict: rule.Verdict, before: Score | None, after: Score | None,
+    def _conclude(self, verdict: rule.Verdict, before: Scored | None, after: Scored | None,
                   retries: int, nonfinite: int, groups_too: bool) -> None:
         """Force, count, restore a rejected check, cache the score in place, warn."""
         self.stats["checks"] += 1
@@ -248,7 +261,7 @@ class SeparabilityGuard(GuardPersistence, torch.optim.Optimizer):
         if not accepted:
             self.snapshot.restore(self.optimizer, groups_too=groups_too)
         kept = after if accepted else before
-        self._cache = (kept, self._key()) if kept is not None and kept.finite else None
+        self._cache = (kept, self._key()) if kept is not None and kept.score.finite else None
         self.snapshot.clear()
         self._window_before = None
         se = None if self.scorer is None or not self.z else verdict.se
@@ -286,8 +299,8 @@ class SeparabilityGuard(GuardPersistence, torch.optim.Optimizer):
                 f"check_every={self.check_every}, scope={self.scope!r}, stats={self.stats})")
 
 
-def _value(score: Score | None) -> float | None:
-    return None if score is None else score.value
+def _value(scored: Scored | None) -> float | None:
+    return None if scored is None else scored.score.value
 
 
 def _check_params_belong(params: list[torch.Tensor], model: nn.Module) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lsm_train.guard.rule import GuardDecision, Score
+from lsm_train.guard.rule import GuardDecision, Score, Scored
 
 __all__ = ["GuardPersistence"]
 
@@ -37,7 +37,8 @@ class GuardPersistence:
         sd = self.optimizer.state_dict()
         cache = None
         if self._cache is not None and self._cache[1] == self._key():
-            cache = _score_payload(self._cache[0], self._digest())
+            scored = self._with_replicates(self._cache[0], local=True)  # no collective here
+            cache = _score_payload(scored.score, self._digest())
         elif self._pending is not None:
             cache = _score_payload(*self._pending)
         sd["guard"] = {
@@ -81,7 +82,7 @@ class GuardPersistence:
         payload = self.snapshot.payload()
         if self._window_before is None or payload is None:
             return None
-        before = self._window_before
+        before = self._with_replicates(self._window_before, local=True).score
         reps = None if before.replicates is None else list(before.replicates)
         return {"before": before.value, "before_replicates": reps, **payload}
 
@@ -92,8 +93,8 @@ class GuardPersistence:
             return
         self.snapshot.load_payload(payload, self._params(), self.optimizer)
         reps = payload.get("before_replicates")
-        self._window_before = Score(float(payload["before"]),
-                                    None if reps is None else tuple(map(float, reps)))
+        self._window_before = Scored(Score(
+            float(payload["before"]), None if reps is None else tuple(map(float, reps))))
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -26,7 +26,9 @@ __all__ = [
     "Score",
     "Verdict",
     "GuardDecision",
+    "Scored",
     "paired_se",
+    "needs_se",
     "judge",
     "force",
     "false_rejection_level",
@@ -43,6 +45,13 @@ class Score(NamedTuple):
     @property
     def finite(self) -> bool:
         return math.isfinite(self.value)
+
+
+class Scored(NamedTuple):
+    """A score with the probe features it came from (to compute replicates on need)."""
+
+    score: Score
+    feats: dict[str, Any] | None = None
 
 
 class Verdict(NamedTuple):
@@ -81,6 +90,12 @@ def paired_se(before: Sequence[float], after: Sequence[float]) -> float:
     g = len(d)
     mean = sum(d) / g
     return math.sqrt((g - 1) / g * sum((x - mean) ** 2 for x in d))
+
+
+def needs_se(before: Score, after: Score, tolerance: float) -> bool:
+    """Whether SE(D) can change the verdict: both finite and D < −tolerance (otherwise the
+    step is kept, or rejected as non-finite, whatever the SE)."""
+    return before.finite and after.finite and after.value - before.value < -tolerance
 
 
 def judge(before: Score, after: Score, *, z: float, tolerance: float) -> Verdict:
