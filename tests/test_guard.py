@@ -939,22 +939,24 @@ def test_random_measure_is_reproducible_has_its_rate_and_runs_no_probe_forward()
     assert d.before is None and d.after is None and d.se is None
 
 
-def test_random_measure_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("kw", [dict(), dict(scope="window", check_every=3)])
+def test_random_measure_resume_equals_uninterrupted(tmp_path, kw):
     def make(seed=0):
         torch.manual_seed(seed)
         model = Net(bn=False)
         return model, None, SeparabilityGuard(
             torch.optim.Adam(model.parameters(), lr=1e-2), model, measure="random",
-            accept_rate=0.5, seed=3)
+            accept_rate=0.5, seed=3, **kw)
 
+    steps = 12
     model, _, guard = make()
-    _train(model, guard, 8, seed=0)
+    _train(model, guard, steps, seed=0)
     ref = ([p.detach().clone() for p in model.parameters()], dict(guard.stats))
     model, _, guard = make()
-    _train(model, guard, 3, seed=0)
-    model, guard = _save_and_resume(tmp_path, model, guard, 5, seed=3,
+    _train(model, guard, 4, seed=0)  # inside a window with scope="window"
+    model, guard = _save_and_resume(tmp_path, model, guard, steps - 4, seed=4,
                                     rebuild=lambda: make(seed=9))
-    assert dict(guard.stats) == ref[1] and 0 < ref[1]["rejected"] < 8
+    assert dict(guard.stats) == ref[1] and 0 < ref[1]["rejected"] < ref[1]["checks"]
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref[0], strict=True))
 
 

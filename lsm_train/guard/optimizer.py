@@ -237,8 +237,8 @@ class SeparabilityGuard(GuardPersistence, torch.optim.Optimizer):
     def _window_step(self, closure: Any) -> Any:
         position = self.stats["steps"] % self.check_every
         self.stats["steps"] += 1
-        if position == 0:
-            self._window_before = self._score_before()
+        if position == 0:  # (a NaN score marks the open window of the random control)
+            self._window_before = self._score_before() or Scored(Score(math.nan))
             self.snapshot.take(self._params(), self.optimizer)
         loss = self._inner_step(closure, first=True)
         self._cache = self._pending = None
@@ -261,12 +261,14 @@ class SeparabilityGuard(GuardPersistence, torch.optim.Optimizer):
         if not accepted:
             self.snapshot.restore(self.optimizer, groups_too=groups_too)
         kept = after if accepted else before
-        self._cache = (kept, self._key()) if kept is not None and kept.score.finite else None
+        finite = kept is not None and kept.score.finite and self.scorer is not None
+        self._cache = (kept, self._key()) if finite else None
         self.snapshot.clear()
         self._window_before = None
-        se = None if self.scorer is None or not self.z else verdict.se
-        self.last_decision = GuardDecision(accepted, _value(before), _value(after), retries,
-                                           forced, True, se, nonfinite)
+        scored = self.scorer is not None
+        self.last_decision = GuardDecision(
+            accepted, _value(before) if scored else None, _value(after), retries, forced, True,
+            verdict.se if scored and self.z else None, nonfinite)
         self._nonfinite_run = self._nonfinite_run + 1 if not verdict.finite else 0
         if self._nonfinite_run >= self.max_nonfinite:
             raise RuntimeError(
