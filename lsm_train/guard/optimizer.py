@@ -128,9 +128,6 @@ class SeparabilityGuard(GuardPersistence, torch.optim.Optimizer):
         if self._window_before is not None:  # no comparable score: the window is kept
             self._window_before = Scored(Score(math.nan))
 
-    def _probe_data(self) -> Any:
-        return self.scorer.probe if self.scorer else None
-
     # ------------------------------------------------------------- scoring -------------
     def _score(self) -> Scored:
         feats = self.scorer.forward()
