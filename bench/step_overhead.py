@@ -141,7 +141,7 @@ def check_breakdown(runner: Runner, reps: int = 5) -> dict[str, float]:
     """ms of a probe forward alone, of a full score (forward + capture + measure), and of
     the snapshot copy, on a guard runner."""
     guard: SeparabilityGuard = runner.opt
-    model, (x, _) = runner.model, guard._probe_data()
+    model, x = runner.model, guard.scorer.probe.inputs
 
     def best(fn) -> float:
         times = []
@@ -163,7 +163,7 @@ def check_breakdown(runner: Runner, reps: int = 5) -> dict[str, float]:
     return {
         "probe forward": best(forward),
         "score (forward+measure)": best(guard.score),
-        "snapshot copy": best(guard._snapshot),
+        "snapshot copy": best(lambda: guard.snapshot.take(guard._params(), guard.optimizer)),
     }
 
 

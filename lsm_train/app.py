@@ -205,6 +205,23 @@ def validate_config(cfg: DictConfig) -> None:
     hold = _num(cfg, "lsm.monitor.holdout")
     need(hold is None or (is_num(hold) and 0 < hold < 1),
          f"lsm.monitor.holdout: expected null or a fraction in (0, 1), got {hold!r}")
+    gmeasure = _num(cfg, "lsm.guard.measure")
+    need(gmeasure in ("soft", "degree", "loss", "random"),
+         f"lsm.guard.measure: expected soft, degree, loss or random, got {gmeasure!r}")
+    rate = _num(cfg, "lsm.guard.accept_rate")
+    need(gmeasure != "random" or (is_num(rate) and 0 <= rate <= 1),
+         f"lsm.guard.accept_rate: expected a number in [0, 1] with lsm.guard.measure=random, "
+         f"got {rate!r}")
+    for key, low in (("lsm.guard.groups", 2), ("lsm.guard.max_nonfinite", 1),
+                     ("lsm.guard.warn_window", 1)):
+        v = _num(cfg, key)
+        need(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= low),
+             f"{key}: expected an integer >= {low}, got {v!r}")
+    gz = _num(cfg, "lsm.guard.z")
+    need(gz is None or (is_num(gz) and gz >= 0), f"lsm.guard.z: expected a number >= 0, got {gz!r}")
+    below = _num(cfg, "lsm.guard.warn_below")
+    need(below is None or (is_num(below) and 0 <= below <= 1),
+         f"lsm.guard.warn_below: expected a number in [0, 1], got {below!r}")
     scope = _num(cfg, "lsm.guard.scope")
     need(scope in ("step", "window"),
          f"lsm.guard.scope: expected step or window, got {scope!r}")

@@ -576,6 +576,7 @@ class Trainer:
 
         cfg = dict(_plain(cfg) or {})
         probe_n = int(cfg.pop("probe_size", 256))
+        cfg.setdefault("seed", self.seed)  # measure=random draws from the guard's generator
         n = min(probe_n, len(self.data.train))
         gx, gy = self.data.train.batch(torch.arange(n))
         # the same probe on every rank; under DDP the guard all-reduces its scores, so every
@@ -979,4 +980,7 @@ def _guard_stats(guard: Any) -> dict[str, float]:
         checks = out.get("guard/checks")
         if checks:
             out["guard/accept_rate"] = out.get("guard/accepted", 0.0) / checks
+    recent = getattr(guard, "recent_accept_rate", None)
+    if isinstance(recent, float) and math.isfinite(recent):
+        out["guard/recent_accept_rate"] = recent  # over the guard's warn_window checks
     return out

@@ -183,8 +183,8 @@ def test_guard_rejection_restores_cuda_state_bitwise(snapshot_device):
         return next(values)
 
     guard = SeparabilityGuard(inner, model, image_batch(30, seed=1), measure=scripted,
-                              snapshot_device=snapshot_device)
-    assert guard._probe_data()[0].device.type == DEV  # the probe follows the params
+                              z=0.0, snapshot_device=snapshot_device)
+    assert guard.scorer.probe.inputs.device.type == DEV  # the probe follows the params
     F.cross_entropy(model(x), y).backward()
     guard.step()
     assert guard.last_decision.accepted
@@ -194,7 +194,7 @@ def test_guard_rejection_restores_cuda_state_bitwise(snapshot_device):
     guard.step()
     assert not guard.last_decision.accepted
     _assert_same(model, inner, ref)
-    for key, buf in guard._buffers.items():  # Adam's step counters live on the CPU
+    for key, buf in guard.snapshot._buffers.items():  # Adam's step counters live on the CPU
         if snapshot_device == "cpu":
             assert buf.device.type == "cpu"
         elif key[0] == "param":

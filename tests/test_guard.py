@@ -107,6 +107,8 @@ def build(opt_name="adam", bn=True, seed=0, **kw):
     torch.manual_seed(seed)
     model = Net(bn=bn)
     inner = OPTIMIZERS[opt_name](model.parameters())
+    if isinstance(kw.get("measure"), Scripted):
+        kw.setdefault("z", 0.0)  # the fixed-margin rule: one measure call per layer
     guard = SeparabilityGuard(inner, model, make_data(30, seed=1), **kw)
     return model, inner, guard
 
@@ -176,7 +178,8 @@ def test_accept_equals_plain_step_and_reject_restores_bitwise(opt_name):
     guard.step()  # before reused (0.6), after 0.1: rejected
     assert guard.last_decision == GuardDecision(False, 0.6, 0.1, 0, False, True)
     assert_same(model, inner, snap)
-    assert guard.stats == dict(steps=2, checks=2, accepted=1, rejected=1, retries=0, forced=0)
+    assert guard.stats == dict(steps=2, checks=2, accepted=1, rejected=1, retries=0, forced=0,
+                               nonfinite=0, low_acceptance=0)
 
 
 @pytest.mark.parametrize("opt_name", ["adam", "adamw", "sgd_momentum"])
@@ -189,7 +192,7 @@ def test_rejected_first_step_deletes_lazily_created_state(opt_name):
     assert len(inner.state) == 0
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
     # the next (accepted) step builds state exactly like a fresh optimizer
-    guard.measure = Scripted([0.9])
+    guard.scorer.measure = Scripted([0.9])
     ref = copy.deepcopy(model)
     ref_opt = OPTIMIZERS[opt_name](ref.parameters())
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
@@ -238,7 +241,7 @@ def test_retries_scale_lr_then_restore_exact_lr():
     inner = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     guard = SeparabilityGuard(
         inner, model, make_data(30, seed=1), layers=["act"],
-        measure=Scripted([0.5, 0.1, 0.2, 0.7]), max_retries=3, backoff=0.5,
+        measure=Scripted([0.5, 0.1, 0.2, 0.7]), z=0.0, max_retries=3, backoff=0.5,
     )
     ref = copy.deepcopy(model)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=lr * 0.5**2, momentum=0.9)
@@ -369,7 +372,7 @@ def test_probe_callable_and_refresh():
     model = Net(bn=False)
     guard = SeparabilityGuard(torch.optim.SGD(model.parameters(), lr=0.01), model, probe,
                               tolerance=1.0)
-    assert calls[0] == 0  # read lazily
+    assert calls[0] == 1  # read and checked when the guard is built
     forwards = count_probe_forwards(model)
     backward(model, *make_data())
     guard.step()
@@ -384,7 +387,7 @@ def test_probe_callable_and_refresh():
 
     x2, y2 = make_data(20, seed=9)
     guard.refresh_probe((x2, y2))
-    assert guard._probe_data()[0] is x2
+    assert guard.scorer.probe.inputs is x2
 
 
 def test_tensor_probe_modified_in_place_invalidates():
@@ -392,7 +395,7 @@ def test_tensor_probe_modified_in_place_invalidates():
     forwards = count_probe_forwards(model)
     backward(model, *make_data())
     guard.step()
-    guard._probe_data()[0].mul_(1.5)
+    guard.scorer.probe.inputs.mul_(1.5)
     guard.step()
     assert forwards[0] == 4
 
@@ -509,7 +512,7 @@ def _save_and_resume(tmp_path, model, guard, steps, seed, rebuild):
 
 @pytest.mark.parametrize("bn,track", [(True, True), (True, False), (False, True)])
 def test_resume_equals_uninterrupted_bitwise(tmp_path, bn, track):
-    kw = dict(max_retries=1, track_buffers=track)
+    kw = dict(max_retries=1, track_buffers=track, z=0.0)  # z=0: rejections to replay
     N, k = 8, 3
 
     model, inner, guard = build("adam", bn=bn, **kw)
@@ -605,9 +608,9 @@ def test_pickle_roundtrip_with_callable_probe():
 def test_snapshot_buffers_allocated_once(device):
     model, inner, guard = build("adam", tolerance=1.0, snapshot_device=device)
     _train(model, guard, 2, seed=0)
-    ptrs = {k: b.data_ptr() for k, b in guard._buffers.items()}
+    ptrs = {k: b.data_ptr() for k, b in guard.snapshot._buffers.items()}
     _train(model, guard, 3, seed=2)
-    assert {k: b.data_ptr() for k, b in guard._buffers.items()} == ptrs
+    assert {k: b.data_ptr() for k, b in guard.snapshot._buffers.items()} == ptrs
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     state_bytes = sum(
         v.numel() * v.element_size() for s in inner.state.values() for v in s.values()
@@ -621,7 +624,8 @@ def test_stats_and_last_decision_fields():
     assert guard.last_decision is None
     _train(model, guard, 2, seed=0)
     assert guard.last_decision == GuardDecision(True, None, None, 0, False, False)
-    assert set(guard.stats) == {"steps", "checks", "accepted", "rejected", "retries", "forced"}
+    assert set(guard.stats) == {"steps", "checks", "accepted", "rejected", "retries", "forced",
+                                "nonfinite", "low_acceptance"}
     assert guard.stats["checks"] == guard.stats["accepted"] + guard.stats["rejected"] == 1
 
 
@@ -658,7 +662,8 @@ def test_window_accepts_all_steps_with_one_probe_forward_per_window():
             o.step()
         assert guard.last_decision.checked == (i % 3 == 2)
     assert forwards[0] == 1 + 3  # the first window's start, then one per window end
-    assert guard.stats == dict(steps=9, checks=3, accepted=3, rejected=0, retries=0, forced=0)
+    assert guard.stats == dict(steps=9, checks=3, accepted=3, rejected=0, retries=0, forced=0,
+                               nonfinite=0, low_acceptance=0)
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
         assert torch.equal(p, q)
 
@@ -694,7 +699,8 @@ def test_window_rejection_rolls_back_the_whole_window_bitwise():
 def test_window_of_one_step_takes_the_step_scope_decisions():
     runs = []
     for scope in ("step", "window"):
-        model, inner, guard = build("adam", bn=False, scope=scope, max_consecutive_rejects=None)
+        model, inner, guard = build("adam", bn=False, scope=scope, max_consecutive_rejects=None,
+                                    z=0.0)
         torch.manual_seed(3)
         _train(model, guard, 6, seed=40)
         runs.append(([p.detach().clone() for p in model.parameters()], dict(guard.stats)))
@@ -711,7 +717,9 @@ def wobbly(H: torch.Tensor, y: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("stop", [4, 5, 6])  # inside a window (4, 5) and at its boundary
 def test_window_resume_equals_uninterrupted_bitwise(tmp_path, stop):
-    kw = dict(scope="window", check_every=3, max_consecutive_rejects=None, measure=wobbly)
+    # z > 0: the replicates of the cached and of the window's "before" score are saved too
+    kw = dict(scope="window", check_every=3, max_consecutive_rejects=None, measure=wobbly,
+              z=0.1, groups=4)
     N = 10
     model, inner, guard = build("adam", **kw)
     torch.manual_seed(11)
@@ -764,3 +772,280 @@ def test_window_load_checks_the_parameter_count():
     sd["state"], sd["param_groups"] = {}, other.state_dict()["param_groups"]
     with pytest.raises(ValueError, match="open guard window holds 8 parameters"):
         other.load_state_dict(sd)
+
+
+# ------------------------------------------------------------------ the z rule ----------
+def test_default_rule_keeps_a_step_of_lr_zero_and_a_drop_within_noise():
+    model, inner, guard = build("sgd_momentum", bn=False)
+    assert guard.z == 2.0 and guard.groups == 10
+    for g in inner.param_groups:
+        g["lr"] = 0.0
+    params = [p.detach().clone() for p in model.parameters()]
+    for i in range(5):
+        guard.zero_grad()
+        backward(model, *make_data(32, seed=i))
+        guard.step()
+        d = guard.last_decision
+        assert d.accepted and d.after == d.before and not d.forced
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+
+
+def test_default_rule_computes_the_se_only_on_a_drop_and_matches_a_reference():
+    """A scripted drop: the replicates are the measure on the probe with each of the 10
+    class-stratified groups left out; SE from them, computed here independently."""
+    torch.manual_seed(0)
+    model = Net(bn=False)
+    x, y = make_data(30, seed=1)
+    calls = []
+
+    def measure(H, labels):  # mean feature of class 0 minus class 1: depends on the subset
+        calls.append(len(labels))
+        return float(H[labels == 0].mean() - H[labels == 1].mean())
+
+    guard = SeparabilityGuard(torch.optim.SGD(model.parameters(), lr=0.5), model, (x, y),
+                              layers=["act"], measure=measure, max_consecutive_rejects=None)
+    feats_before = _features(model, x, "act")
+    backward(model, *make_data())
+    guard.step()
+    d = guard.last_decision
+    after_feats = _features(model, x, "act") if d.accepted else None
+    assert d.after < d.before  # this seed's step lowers the score
+    # the SE was needed: 2 values + 2 x 10 replicates, each on the probe minus 3 samples
+    assert calls[:2] == [30, 30] and calls[2:] == [27] * 20
+    if after_feats is None:  # rejected: recompute the attempt's features
+        with torch.no_grad():
+            for p, g in zip(model.parameters(), [p.grad for p in model.parameters()],
+                            strict=True):
+                p.sub_(0.5 * g)
+        after_feats = _features(model, x, "act")
+    rank = torch.zeros(30, dtype=torch.long)
+    for c in range(3):
+        rank[y == c] = torch.arange(int((y == c).sum()))
+    reps = []
+    for g in range(10):
+        keep = rank % 10 != g
+        reps.append(measure(after_feats[keep], y[keep]) - measure(feats_before[keep], y[keep]))
+    reps = torch.tensor(reps, dtype=torch.float64)
+    se = math.sqrt(9 / 10 * float(((reps - reps.mean()) ** 2).sum()))
+    assert d.se == pytest.approx(se, rel=1e-6)
+    assert d.accepted == (d.after - d.before >= -2.0 * se)
+
+
+def _features(model, x, layer):
+    from lsm_train.capture import HiddenCapture
+
+    model.eval()
+    with torch.no_grad(), HiddenCapture(model, [layer]) as feats:
+        model(x)
+    model.train()
+    return feats[layer]
+
+
+def test_loss_measure_false_rejection_rate_at_a_population_optimum():
+    """Tiny random steps around the population optimum of a logistic model change the
+    expected probe loss by O(step^2): the rejection rate is about the nominal level."""
+    from scipy import stats
+
+    gen = torch.Generator().manual_seed(0)
+
+    def sample(n):
+        y = torch.randint(0, 3, (n,), generator=gen)
+        return (torch.randn(n, 4, generator=gen, dtype=torch.float64) + y[:, None]), y
+
+    model = nn.Linear(4, 3).double()
+    xs, ys = sample(40000)
+    fit = torch.optim.LBFGS(model.parameters(), max_iter=200, tolerance_grad=1e-12,
+                            line_search_fn="strong_wolfe")
+    fit.step(lambda: (fit.zero_grad(), F.cross_entropy(model(xs), ys).backward(),
+                      F.cross_entropy(model(xs), ys))[-1])
+    start = [p.detach().clone() for p in model.parameters()]
+    rejected, trials = 0, 300
+    for _ in range(trials):
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), start, strict=True):
+                p.copy_(q)
+        guard = SeparabilityGuard(torch.optim.SGD(model.parameters(), lr=1e-3), model,
+                                  sample(200), measure="loss", max_consecutive_rejects=None)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        guard.step()
+        rejected += not guard.last_decision.accepted
+    level = stats.t.sf(2.0, 9)  # 0.038
+    assert abs(rejected / trials - level) < 4 * math.sqrt(level * (1 - level) / trials)
+
+
+# ------------------------------------------------------------------ controls ------------
+def test_loss_measure_is_minus_the_probe_cross_entropy():
+    torch.manual_seed(0)
+    model = Net()
+    x, y = make_data(30, seed=1)
+    guard = SeparabilityGuard(torch.optim.SGD(model.parameters(), lr=0.1), model, (x, y),
+                              measure="loss")
+    model.eval()
+    with torch.no_grad():
+        ref = F.cross_entropy(model(x).double(), y)
+    model.train()
+    assert guard.score() == pytest.approx(-float(ref), rel=1e-6)
+    assert guard.layer_names == ["loss"]
+    assert set(guard.last_layer_scores) == {"loss"}
+
+
+def test_loss_measure_keeps_a_step_iff_the_loss_did_not_rise_significantly():
+    for lr, seed in [(0.05, 0), (3.0, 1), (3.0, 2), (0.5, 3)]:
+        torch.manual_seed(seed)
+        model = nn.Linear(5, 3)
+        x, y = make_data(30, seed=1)  # 10 per class: 5 groups of 6 (2 per class)
+        guard = SeparabilityGuard(torch.optim.SGD(model.parameters(), lr=lr), model, (x, y),
+                                  measure="loss", groups=5, max_consecutive_rejects=None)
+        with torch.no_grad():
+            ce0 = F.cross_entropy(model(x).double(), y, reduction="none")
+        backward(model, *make_data(16, seed=seed + 10))
+        with torch.no_grad():
+            ce1 = F.cross_entropy(F.linear(x, model.weight - lr * model.weight.grad,
+                                           model.bias - lr * model.bias.grad).double(), y,
+                                  reduction="none")
+        guard.step()
+        rise = ce1 - ce0
+        group = torch.zeros(30, dtype=torch.long)
+        for c in range(3):
+            group[y == c] = torch.arange(10) % 5
+        means = torch.stack([rise[group == g].mean() for g in range(5)])
+        se = float(means.std() / math.sqrt(5))  # equal groups: the jackknife SE of a mean
+        expected = float(rise.mean()) <= 0 or float(rise.mean()) <= 2.0 * se
+        assert guard.last_decision.accepted == expected
+        if float(rise.mean()) > 0:
+            assert guard.last_decision.se == pytest.approx(se, rel=1e-5)
+
+
+def test_random_measure_is_reproducible_has_its_rate_and_runs_no_probe_forward():
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = Net(bn=False)
+        guard = SeparabilityGuard(torch.optim.SGD(model.parameters(), lr=0.01), model,
+                                  measure="random", accept_rate=0.3, seed=5,
+                                  max_consecutive_rejects=None)
+        forwards = count_probe_forwards(model)
+        backward(model, *make_data())
+        decisions = []
+        for _ in range(400):
+            guard.step()
+            decisions.append(guard.last_decision.accepted)
+        assert forwards[0] == 0
+        runs.append(decisions)
+    assert runs[0] == runs[1]
+    assert abs(sum(runs[0]) / 400 - 0.3) < 4 * math.sqrt(0.3 * 0.7 / 400)
+    d = guard.last_decision
+    assert d.before is None and d.after is None and d.se is None
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(scope="window", check_every=3)])
+def test_random_measure_resume_equals_uninterrupted(tmp_path, kw):
+    def make(seed=0):
+        torch.manual_seed(seed)
+        model = Net(bn=False)
+        return model, None, SeparabilityGuard(
+            torch.optim.Adam(model.parameters(), lr=1e-2), model, measure="random",
+            accept_rate=0.5, seed=3, **kw)
+
+    steps = 12
+    model, _, guard = make()
+    _train(model, guard, steps, seed=0)
+    ref = ([p.detach().clone() for p in model.parameters()], dict(guard.stats))
+    model, _, guard = make()
+    _train(model, guard, 4, seed=0)  # inside a window with scope="window"
+    model, guard = _save_and_resume(tmp_path, model, guard, steps - 4, seed=4,
+                                    rebuild=lambda: make(seed=9))
+    assert dict(guard.stats) == ref[1] and 0 < ref[1]["rejected"] < ref[1]["checks"]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref[0], strict=True))
+
+
+def test_control_options_are_checked():
+    model = Net()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = make_data()
+    with pytest.raises(ValueError, match="accept_rate: expected a number in"):
+        SeparabilityGuard(inner, model, measure="random")
+    with pytest.raises(ValueError, match="accept_rate: expected a number in"):
+        SeparabilityGuard(inner, model, measure="random", accept_rate=1.5)
+    with pytest.raises(ValueError, match="accept_rate: only used with measure='random'"):
+        SeparabilityGuard(inner, model, (x, y), accept_rate=0.5)
+    with pytest.raises(ValueError, match="probe: expected"):
+        SeparabilityGuard(inner, model, measure="loss")
+    with pytest.raises(ValueError, match="z: expected a finite number >= 0"):
+        SeparabilityGuard(inner, model, (x, y), z=-1)
+    with pytest.raises(ValueError, match="groups: expected an integer >= 2"):
+        SeparabilityGuard(inner, model, (x, y), groups=1)
+    other = nn.Linear(5, 3)
+    with pytest.raises(ValueError, match="2 of its 10 parameters are not parameters of model"):
+        SeparabilityGuard(torch.optim.SGD([*model.parameters(), *other.parameters()], lr=0.1),
+                          model, (x, y))
+
+
+# ------------------------------------------------------------------ non-finite ----------
+@pytest.mark.parametrize("kw", [dict(), dict(measure="random", accept_rate=1.0),
+                                dict(z=0.0, tolerance=1.0), dict(scope="window",
+                                                                 check_every=2)])
+def test_a_non_finite_step_is_never_kept_even_when_forced(kw):
+    torch.manual_seed(0)
+    model = Net()
+    x, y = make_data(30, seed=1)
+    probe = None if kw.get("measure") == "random" else (x, y)
+    guard = SeparabilityGuard(torch.optim.SGD(model.parameters(), lr=float("inf")), model,
+                              probe, max_consecutive_rejects=0, max_nonfinite=3, **kw)
+    params = [p.detach().clone() for p in model.parameters()]
+    steps = 2 * guard.check_every
+    for _ in range(steps):
+        guard.zero_grad()
+        backward(model, *make_data())
+        guard.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+    assert guard.stats["accepted"] == guard.stats["forced"] == 0
+    assert guard.stats["nonfinite"] == guard.stats["rejected"] == 2
+    assert guard.last_decision.nonfinite == 1 and not guard.last_decision.forced
+    with pytest.raises(RuntimeError, match="last 3 checked steps all gave non-finite"):
+        for _ in range(guard.check_every):
+            guard.zero_grad()
+            backward(model, *make_data())
+            guard.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+
+
+def test_non_finite_attempts_are_retried_at_a_smaller_lr_and_counted():
+    torch.manual_seed(0)
+    model = Net(bn=False)
+    guard = SeparabilityGuard(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                              make_data(30, seed=1), max_retries=2, tolerance=1.0, z=0.0)
+    backward(model, *make_data())
+    model.fc1.weight.grad[0, 0] = float("inf")
+    guard.step()
+    d = guard.last_decision
+    assert not d.accepted and d.retries == 2 and d.nonfinite == 3
+    assert guard.stats["nonfinite"] == 3
+
+
+# ------------------------------------------------------------------ low acceptance ------
+def test_low_acceptance_warns_once_and_is_in_stats():
+    model, inner, guard = build(layers=["act"], measure=Scripted([0.9] + [0.1] * 40),
+                                max_consecutive_rejects=None, warn_window=5, warn_below=0.5)
+    backward(model, *make_data())
+    with pytest.warns(RuntimeWarning, match="acceptance rate 0.00 over the last 5 checks"):
+        for _ in range(5):
+            guard.step()
+    assert guard.stats["low_acceptance"] == 1 and guard.recent_accept_rate == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(10):
+            guard.step()  # no second warning
+
+
+def test_random_control_does_not_warn():
+    model = Net()
+    guard = SeparabilityGuard(torch.optim.SGD(model.parameters(), lr=0.01), model,
+                              measure="random", accept_rate=0.0, warn_window=3)
+    backward(model, *make_data())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(6):
+            guard.step()
+    assert guard.stats["low_acceptance"] == 0 and guard.recent_accept_rate == 0.0
