@@ -28,23 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lsm_train.capture import HiddenCapture
 from lsm_train.features import reduce_features
 from lsm_train.measures.fisher import FisherLayout, pair_scores, pair_values
+from lsm_train.probe import eval_mode
 
 __all__ = ["MonitorSchedule", "capture", "score_sets"]
-
-
-@contextmanager
-def eval_mode(model: nn.Module):
-    """Eval mode inside; afterwards every submodule gets back its own ``training`` flag (a
-    frozen submodule kept in eval mode stays in eval mode)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def _batches(source: Any, batch_size: int):
@@ -69,8 +58,6 @@ def capture(
     ``reduce="auto"``) on the model's device, for the first ``keep`` rows (default all),
     and device tensors ``{"correct": count, "loss": summed cross-entropy (float64),
     "n": rows}`` over all rows. Each batch is moved to the model's device."""
-    from lsm_train.capture import HiddenCapture
-
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     source = x if y is None else (x, y)
