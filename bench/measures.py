@@ -180,8 +180,9 @@ def bench_layer(n: int, d: int, k: int, device: str, repeats: int, rows: list) -
 
 
 def soft_primal(H: torch.Tensor, y: torch.Tensor, tau: float = 0.5, shrinkage: float = 0.1):
-    """S_τ of DESIGN §2 written directly: d × d pooled within-class covariance, shrunk,
-    a d × d Cholesky solve per batch, logistic over all cross-class pairs, mean over pairs."""
+    """S_τ of docs/math.md#soft-md-lsm written directly: d × d pooled within-class
+    covariance, shrunk, a d × d Cholesky solve per batch, logistic over all cross-class
+    pairs, mean over pairs."""
     classes = torch.unique(y)
     n, d = H.shape
     Xs = H / H.detach().abs().amax()

@@ -1,1 +1,1 @@
-"""The Minkowski-difference linear separability measures (DESIGN §2)."""
+"""The Minkowski-difference linear separability measures (docs/math.md)."""

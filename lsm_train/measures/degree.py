@@ -1,4 +1,4 @@
-"""The MD-LSM degree (DESIGN §2) and the exact AUC of a direction.
+"""The MD-LSM degree (docs/math.md#md-lsm-degree) and the exact AUC of a direction.
 
 For point sets A, B (rows) and a direction w, the fraction of Minkowski-difference vectors
 in the open half-space of w is the Mann–Whitney AUC of the scores w·x::
@@ -171,14 +171,14 @@ def md_lsm(
     n_starts: int = 4,
 ) -> float | tuple[float, Any]:
     """MD-LSM degree m(A, B) = max over unit w of the fraction of pairs with w·(a − b) > 0
-    (ties 1/2), a value in [0.5, 1] (DESIGN §2).
+    (ties 1/2), a value in [0.5, 1] (docs/math.md#md-lsm-degree).
 
     Returns the exact AUC of the best direction found (module docstring), hence a certified
     lower bound on m(A, B); 1.0 exactly when a separator is found. ``certify`` decides when the
     exact LP test runs if no candidate separates: ``True`` (default) always, ``False`` never,
     ``"auto"`` when the LP is small ((|A| + |B|)·(d + 1) <= 50,000) or the best value is
     >= 0.98. With ``certify=True`` the result is 1.0 if and only if A and B are strictly
-    separable (the contract of DESIGN §2); the LP costs about 0.02 s for a few hundred points
+    separable (the contract in docs/math.md); the LP costs about 0.02 s for a few hundred points
     and 3–5 s at 2,000 points per class in d = 512 (2-core CPU). ``"auto"`` skips it for a
     large set whose best candidate scores below 0.98 (a separable set this far from our
     candidates is not seen in practice) — use it when speed matters more than the guarantee.

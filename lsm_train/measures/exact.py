@@ -1,4 +1,4 @@
-"""Exact test of strict linear separability (DESIGN §2, Fact 1).
+"""Exact test of strict linear separability (docs/math.md#separability).
 
 A and B are strictly linearly separable iff there are w, b with ``a·w > b > b'·w`` for all
 a in A, b' in B, iff 0 is not in conv(A ⊖ B). By scaling, this is the LP feasibility

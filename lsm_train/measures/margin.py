@@ -1,4 +1,4 @@
-"""MD-LSM margin: the distance between conv(A) and conv(B) (DESIGN §2).
+"""MD-LSM margin: the distance between conv(A) and conv(B) (docs/math.md#md-lsm-margin).
 
     ρ(A, B) = dist(0, conv(A ⊖ B)) = min ‖Aᵀα − Bᵀβ‖  over  α ∈ Δ_|A|, β ∈ Δ_|B|,
 
