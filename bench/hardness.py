@@ -9,7 +9,7 @@ cross-fitted with ``holdout=0.5``): the mean over class pairs (the paper's score
 worst pair, and the one-vs-rest mean. The linear probe is scikit-learn's multinomial
 LogisticRegression (C=1, standardised inputs) fitted on the training split and scored
 on the test split (clean labels). Training labels are the benchmark's own (noisy where
-the benchmark adds noise). See docs/hard-data.md.
+the benchmark adds noise). See docs/models-training.md.
 """
 
 from __future__ import annotations

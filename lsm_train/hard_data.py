@@ -2,7 +2,7 @@
 
 Each loader returns a :class:`~lsm_train.data.DataBundle` and is a pure function of its
 config (same config, same tensors). Label noise touches the training labels only; the test
-labels stay clean, so test accuracy measures the true task. See docs/hard-data.md.
+labels stay clean, so test accuracy measures the true task. See docs/models-training.md.
 
 * ``teacher``: x ~ N(0, I_d); labels are the argmax of a frozen random ReLU network
   (:func:`teacher_network`: ``teacher_depth`` hidden layers of ``teacher_width`` units,
