@@ -1,8 +1,15 @@
-"""Parameters and forward+backward time of every model family (default: 3x32x32, batch 128).
+"""Parameters and forward+backward time of every model family (default: 3x32x32, batch 128),
+or, with ``--train``, test accuracy of every family's digits recipe over several seeds.
 
     .venv/bin/python bench/zoo.py                     # CPU-sized defaults
     .venv/bin/python bench/zoo.py --gpu-scale         # also the GPU-scale variants
     .venv/bin/python bench/zoo.py --device cuda --gpu-scale
+    .venv/bin/python bench/zoo.py --train --seeds 0 1 2 [--lsm off] [--set key=value ...]
+
+``--train`` runs ``recipe=zoo/<family>-digits`` (or the ``--recipes`` given) in-process for
+each seed (``lsm=off``, ``logger=none``, no plots or checkpoints unless overridden) and
+prints mean +- std of the final test accuracy (``val/acc``) and the wall time per run
+(see docs/models-training.md).
 
 One timed step = zero_grad, forward, cross-entropy, backward (no optimizer step), in train
 mode; the table shows the median over ``--repeats`` steps after ``--warmup`` steps. The
@@ -49,6 +56,36 @@ def time_step(model, x, y, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def train_recipes(recipes: list[str], seeds: list[int], lsm: str, extra: list[str]) -> None:
+    """Run each recipe once per seed; print a Markdown table of the final test accuracy."""
+    import contextlib
+    import io
+    import tempfile
+
+    from lsm_train.app import compose, train_from_config
+
+    print("| recipe | test acc (mean +- std) | per seed | wall s / run |")
+    print("|---|---:|---|---:|")
+    for recipe in recipes:
+        accs, walls = [], []
+        for seed in seeds:
+            cfg = compose([f"recipe={recipe}", f"lsm={lsm}", "logger=none", f"seed={seed}",
+                           "trainer.progress=false", "trainer.plots=false",
+                           "trainer.checkpoint=false", *extra])
+            with tempfile.TemporaryDirectory() as run_dir, \
+                    contextlib.redirect_stderr(io.StringIO()):
+                t0 = time.perf_counter()
+                result = train_from_config(cfg, run_dir, recipe=recipe)
+                walls.append(time.perf_counter() - t0)
+            accs.append(float(result.final["val/acc"]))
+        mean = statistics.mean(accs)
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        per_seed = " / ".join(f"{a:.3f}" for a in accs)
+        print(f"| `{recipe}` lsm={lsm} | {mean:.3f} +- {std:.3f} | {per_seed} | "
+              f"{statistics.mean(walls):.1f} |", flush=True)
+    print(f"\nmachine: {machine(torch.device('cpu'))}; overrides: {' '.join(extra) or 'none'}")
+
+
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
@@ -71,7 +108,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--train", action="store_true",
+                    help="train each family's digits recipe instead of timing steps")
+    ap.add_argument("--recipes", nargs="*", default=None,
+                    help="recipes for --train (default: zoo/<family>-digits of --families)")
+    ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    ap.add_argument("--lsm", default="off", help="lsm= group for --train (default off)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="Hydra overrides for --train, e.g. --set trainer.epochs=20")
     args = ap.parse_args(argv)
+    if args.train:
+        recipes = args.recipes or [f"zoo/{fam}-digits" for fam in args.families]
+        train_recipes(recipes, args.seeds, args.lsm, args.set)
+        return
+    if args.set:
+        ap.error("--set is only used with --train")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

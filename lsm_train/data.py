@@ -411,6 +411,18 @@ DATASETS = {
 }
 
 
+def _hard_dataset(name: str):
+    def load(**kw: object) -> DataBundle:
+        from lsm_train.hard_data import HARD_DATASETS  # imported late: it imports this module
+
+        return HARD_DATASETS[name](**kw)
+
+    return load
+
+
+DATASETS.update({n: _hard_dataset(n) for n in ("teacher", "digits_noisy", "digits_small")})
+
+
 def load_data(
     name: str,
     *,
