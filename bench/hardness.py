@@ -36,8 +36,9 @@ BENCHMARKS: dict[str, tuple[str, dict]] = {
     "digits_noisy0.2": ("digits_noisy", {"label_noise": 0.2}),
     "digits_small": ("digits_small", {}),
     "digits_small20": ("digits_small", {"per_class": 20}),
+    "mnist5k": ("mnist5k", {}),
 }
-_NOT_LOADER_KEYS = ("batch_size", "eval_batch_size", "name", "augment")
+_NOT_LOADER_KEYS = ("batch_size", "eval_batch_size", "name", "augment", "_target_")
 
 
 def data_config(group: str, overrides: dict) -> dict:

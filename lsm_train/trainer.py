@@ -70,7 +70,7 @@ __all__ = [
 
 LSM_MODES = ("off", "monitor", "loss", "guard", "both")
 CHECKPOINT_NAME = "checkpoint.pt"
-_DATA_KEYS = ("batch_size", "eval_batch_size", "name", "augment")
+_DATA_KEYS = ("batch_size", "eval_batch_size", "name", "augment", "_target_")
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
