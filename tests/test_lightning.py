@@ -114,17 +114,19 @@ def test_guard_closure_runs_once_and_steps_count_like_a_plain_optimizer(tmp_path
 
 
 def test_lightning_checkpoint_resumes_with_the_guard_state(tmp_path):
+    # Checkpoints at an epoch end: a checkpoint taken after a max_steps stop resumes
+    # mid-epoch, where Lightning restarts the (stateless) loader and changes the batch order.
     whole = LitMLP("soft")
-    fit(whole, 8, tmp_path / "whole")
+    fit(whole, -1, tmp_path / "whole", max_epochs=2)
 
     first = LitMLP("soft")
-    trainer = fit(first, 4, tmp_path / "a")
+    trainer = fit(first, -1, tmp_path / "a", max_epochs=1)
     path = tmp_path / "a" / "half.ckpt"
     trainer.save_checkpoint(path)
     saved = torch.load(path, weights_only=False)["optimizer_states"][0]
     assert saved["guard"]["stats"]["steps"] == 4
     resumed = LitMLP("soft")
-    trainer = fit(resumed, 8, tmp_path / "b", ckpt=str(path))
+    trainer = fit(resumed, -1, tmp_path / "b", ckpt=str(path), max_epochs=2)
     assert trainer.global_step == 8 and resumed.training_steps == 4
     assert resumed.guard.stats == whole.guard.stats and whole.guard.stats["checks"] == 8
     for a, b in zip(params(whole), params(resumed), strict=True):
