@@ -43,6 +43,7 @@ communication).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -52,6 +53,9 @@ from torch import nn
 from lsm_train._validation import check_positive
 from lsm_train.capture import HiddenCapture
 from lsm_train.features import REDUCTIONS
+from lsm_train.measures.soft import LabelLayout, soft_md_lsm, static_scores
+from lsm_train.measures.soft.api import static_features
+from lsm_train.measures.soft.options import full_precision, label_vector
 
 __all__ = ["LSMLoss", "lsm_loss"]
 
@@ -111,27 +115,35 @@ def _layer_weights(layer_weights: Any, names: list[str]) -> list[float]:
     return alphas
 
 
-def _labels(labels: Any, feats: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+def _labels(labels: Any, feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """int64 labels (n,) on the features' device, one per sample of every layer's batch;
+    type and shape checked without a host read (float labels and (n, 1) columns raise)."""
     for name, f in feats.items():
         if f.ndim < 2:
             raise ValueError(
                 f"features[{name!r}]: expected a batch (N, d, ...), got shape {tuple(f.shape)}"
             )
-    from lsm_train.surrogate import _labels_and_layout
-
     sizes = {name: f.shape[0] for name, f in feats.items()}
     first = next(iter(sizes))
-    # validated on the features' device through the surrogate's label cache; the layout is
-    # pinned while the layers are scored (_scores), so they read nothing from the labels again
-    y, lay = _labels_and_layout(labels, sizes[first], feats[first].device, name="labels",
-                              per=f"sample of the batch seen by layer {first!r}")
+    y = label_vector(labels, sizes[first], name="labels",
+                     per=f"sample of the batch seen by layer {first!r}")
     for name, n in sizes.items():
         if n != y.shape[0]:
             raise ValueError(
                 f"labels: expected {n} labels, one per sample of the batch seen by "
                 f"layer {name!r}, got {y.shape[0]}"
             )
-    return y, lay
+    return y.to(device=feats[first].device, dtype=torch.int64)
+
+
+def _check_range(y: torch.Tensor, num_classes: int | None) -> None:
+    """Labels >= 0 (and < num_classes): one host read."""
+    lo, hi = torch.stack([y.min(), y.max()]).tolist()
+    if lo < 0:
+        raise ValueError(f"labels: expected class labels >= 0, got minimum {lo}")
+    if num_classes is not None and hi >= num_classes:
+        raise ValueError(f"labels: expected class labels in [0, num_classes={num_classes}), "
+                         f"got maximum {hi}")
 
 
 def _scores(
@@ -144,32 +156,46 @@ def _scores(
     reduce: str,
     crossfit: bool = False,
     nan_if_not_finite: bool = False,
-    layout: Any = None,
-) -> dict[str, torch.Tensor]:
-    """{layer: S_l} (0-dim tensors attached to the graph); ``layout``: that of ``y`` when the
-    caller has it (from :func:`_labels`).
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({layer: S_l} (0-dim tensors attached to the graph), degenerate): the reference path,
+    one :class:`LabelLayout` for every layer of the batch. ``degenerate`` (0-dim bool on the
+    device) is True when the batch has fewer than two classes to score.
 
     Non-finite features raise (soft_md_lsm's check) unless ``nan_if_not_finite``: then
     S_l = NaN, still attached to the graph, so a diverged model gives a NaN loss."""
-    from lsm_train.surrogate import _labels_and_layout, pinned_labels, soft_md_lsm
-
-    if layout is None:
-        y, layout = _labels_and_layout(y, y.shape[0], y.device, name="labels")
+    layout = LabelLayout(y)
     out = {}
-    with pinned_labels(y, layout):
-        for name, f in feats.items():
-            if f.dtype in (torch.float16, torch.bfloat16):
-                f = f.float()
-            try:  # soft_md_lsm turns autocast off itself and checks finiteness in its own pass
-                out[name] = soft_md_lsm(
-                    f, y, tau, scheme=scheme, shrinkage=shrinkage,
-                    detach_directions=detach_directions, reduce=reduce, crossfit=crossfit,
-                )
-            except ValueError:
-                if not nan_if_not_finite or bool(torch.isfinite(f).all()):
-                    raise
-                out[name] = f.sum() * float("nan")  # still attached to the graph
-    return out
+    for name, f in feats.items():
+        if f.dtype in (torch.float16, torch.bfloat16):
+            f = f.float()
+        try:  # soft_md_lsm turns autocast off itself and checks finiteness in its own pass
+            out[name] = soft_md_lsm(
+                f, y, tau, scheme=scheme, shrinkage=shrinkage,
+                detach_directions=detach_directions, reduce=reduce, crossfit=crossfit,
+                layout=layout,
+            )
+        except ValueError:
+            if not nan_if_not_finite or bool(torch.isfinite(f).all()):
+                raise
+            out[name] = f.sum() * float("nan")  # still attached to the graph
+    scored = (layout.count_t >= 2).sum() if crossfit else layout.count_t.new_tensor(layout.K)
+    return out, scored < 2
+
+
+def _static_scores(
+    feats: Mapping[str, torch.Tensor], y: torch.Tensor, num_classes: int, tau: float,
+    scheme: str, shrinkage: float, reduce: str, crossfit: bool,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """As :func:`_scores` on the static path: every layer in one batched call, no host read;
+    a non-finite layer gives NaN."""
+    X = [static_features(f.float() if f.dtype in (torch.float16, torch.bfloat16) else f,
+                         reduce, name=f"features[{n!r}]") for n, f in feats.items()]
+    dtype = functools.reduce(torch.promote_types, [x.dtype for x in X])
+    with full_precision(X[0].device):
+        values, degenerate = static_scores(
+            [x.to(dtype) for x in X], y, num_classes, tau=tau, scheme=scheme,
+            shrinkage=shrinkage, crossfit=crossfit)
+    return dict(zip(feats, values.unbind(0), strict=True)), degenerate
 
 
 def _combine(scores: dict[str, torch.Tensor], alphas: list[float]) -> torch.Tensor:
@@ -197,6 +223,8 @@ def lsm_loss(
     crossfit: bool = False,
     gather: bool = False,
     process_group: Any = None,
+    num_classes: int | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """``weight · Σ_l α_l (1 − soft_md_lsm(features_l, labels))`` as a 0-dim tensor.
 
@@ -205,6 +233,8 @@ def lsm_loss(
     ``gather``: score the features of all ranks (see the module docstring); the returned
     value is the same on every rank, its gradient reaches the local features only
     (not rescaled here: this function knows nothing of DDP's averaging).
+    ``num_classes``: the static path, all layers in one batched call (see :class:`LSMLoss`);
+    ``validate``: then check the labels' range first (one host read).
     """
     weight = check_positive(weight, "weight", allow_zero=True)
     tau = _check_options(tau, scheme, shrinkage, reduce)
@@ -221,12 +251,28 @@ def lsm_loss(
         if not isinstance(f, torch.Tensor):
             raise ValueError(f"features[{name!r}]: expected a tensor, got {type(f).__name__}")
     alphas = _layer_weights(layer_weights, list(features))
-    y, lay = _labels(labels, features)
+    y = _labels(labels, features)
     if gather:
-        (features, y), lay = _gather(features, y, process_group), None
-    scores = _scores(features, y, tau, scheme, shrinkage, detach_directions, reduce,
-                     bool(crossfit), layout=lay)
+        features, y = _gather(features, y, process_group)
+    if num_classes is None:  # soft_md_lsm checks the labels with its own host read
+        scores, _ = _scores(features, y, tau, scheme, shrinkage, detach_directions, reduce,
+                            bool(crossfit))
+    else:
+        _check_static_options(num_classes, detach_directions)
+        if validate:
+            _check_range(y, num_classes)
+        scores, _ = _static_scores(features, y, num_classes, tau, scheme, shrinkage, reduce,
+                                   bool(crossfit))
     return weight * _combine(scores, alphas)
+
+
+def _check_static_options(num_classes: Any, detach_directions: bool) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes: expected None or an int >= 1, got {num_classes!r}")
+    if detach_directions:
+        raise ValueError("detach_directions=True is not supported with num_classes "
+                         "(the static path); leave num_classes=None for it")
+    return num_classes
 
 
 def _gather(
@@ -258,15 +304,24 @@ class LSMLoss(nn.Module):
             global batch) instead of the local batch; see the module docstring.
         process_group: the group to gather over (default: the world).
         output_index: which tensor of a tuple/dict layer output (see HiddenCapture).
+        num_classes: K: the static, sync-free path (labels in [0, K)): all layers scored in
+            one batched call with no host read, counters kept on the features' device; works
+            with ``torch.compile`` and CUDA graphs. The labels' range is checked on the first
+            call (one host read); later, a label outside [0, K) gives a NaN loss.
+            Not with ``detach_directions``.
 
     Use: run ``model(x)``, then ``reg(labels)`` once; the captured features are consumed
     (dropped) by the call, so a second call without a new forward pass raises. The model
     is not a submodule: ``reg.state_dict()`` holds only the counters ``num_steps`` and
     ``num_skipped``, and ``reg.parameters()`` is empty. ``remove()`` detaches the hooks.
+    The counters follow the features to their device (moved once, on the first call), so
+    updating them costs no host sync; ``steps``, ``skipped``, ``nonfinite`` and ``last``
+    read them (call those only when logging).
     """
 
     num_steps: torch.Tensor
     num_skipped: torch.Tensor
+    num_nonfinite: torch.Tensor
 
     def __init__(
         self,
@@ -285,8 +340,13 @@ class LSMLoss(nn.Module):
         crossfit: bool = False,
         gather: bool = False,
         process_group: Any = None,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
+        if num_classes is not None:
+            _check_static_options(num_classes, detach_directions)
+        self.num_classes = num_classes
+        self._range_checked = False
         self.weight = check_positive(weight, "weight", allow_zero=True)
         self.tau = _check_options(tau, scheme, shrinkage, reduce)
         self.scheme = scheme
@@ -308,6 +368,7 @@ class LSMLoss(nn.Module):
         self.capture = capture  # a plain attribute: the model is not a submodule
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_skipped", torch.zeros((), dtype=torch.long))
+        self.register_buffer("num_nonfinite", torch.zeros((), dtype=torch.long), persistent=False)
         self._last: dict[str, torch.Tensor] = {}
 
     # -- read-only views -----------------------------------------------------------------
@@ -323,8 +384,14 @@ class LSMLoss(nn.Module):
 
     @property
     def skipped(self) -> int:
-        """Batches with fewer than two classes (they contributed 0)."""
+        """Batches with fewer than two classes to score (they contributed 0); with
+        ``crossfit``, classes of one sample are not scored."""
         return int(self.num_skipped)
+
+    @property
+    def nonfinite(self) -> int:
+        """Layer scores that were NaN (non-finite features) since construction (not saved)."""
+        return int(self.num_nonfinite)
 
     @property
     def last(self) -> dict[str, float]:
@@ -355,22 +422,33 @@ class LSMLoss(nn.Module):
                 f"(captured: {list(feats)})"
             )
         feats = {n: feats[n] for n in self.names}
-        y, lay = _labels(labels, feats)
+        y = _labels(labels, feats)
+        self._follow(y.device)
         world = 1
         if self.gather:
             from lsm_train.distributed import world_size
 
             world = world_size(self.process_group)
             if world > 1:
-                (feats, y), lay = _gather(feats, y, self.process_group), None
-        scores = _scores(
-            feats, y, self.tau, self.scheme, self.shrinkage, self.detach_directions, self.reduce,
-            self.crossfit, nan_if_not_finite=True, layout=lay,
-        )
+                feats, y = _gather(feats, y, self.process_group)
+        if self.num_classes is None:
+            scores, degenerate = _scores(
+                feats, y, self.tau, self.scheme, self.shrinkage, self.detach_directions,
+                self.reduce, self.crossfit, nan_if_not_finite=True,
+            )
+        else:
+            if not self._range_checked:
+                _check_range(y, self.num_classes)
+                self._range_checked = True
+            scores, degenerate = _static_scores(
+                feats, y, self.num_classes, self.tau, self.scheme, self.shrinkage, self.reduce,
+                self.crossfit,
+            )
         self.capture.clear()
         self._last = {n: s.detach() for n, s in scores.items()}
-        single = (y != y[:1]).any().logical_not() if y.numel() else torch.tensor(True)
-        self.num_skipped += single.to(self.num_skipped.device)
+        self.num_skipped += degenerate
+        last = torch.stack([s.to(y.device) for s in self._last.values()])
+        self.num_nonfinite += (~torch.isfinite(last)).sum()
         reg = self.weight * _combine(scores, self.alphas)
         if self.warmup_steps:
             ramp = (self.num_steps.double() / self.warmup_steps).clamp(max=1.0)
@@ -380,6 +458,13 @@ class LSMLoss(nn.Module):
         if self.training and self.capture.module.training:
             self.num_steps += 1
         return reg
+
+    def _follow(self, device: torch.device) -> None:
+        """Move the counters to ``device`` (once) so that updating them needs no sync."""
+        for name in ("num_steps", "num_skipped", "num_nonfinite"):
+            buf = getattr(self, name)
+            if buf.device != device:
+                setattr(self, name, buf.to(device))
 
     def remove(self) -> None:
         """Remove the hooks from the model and drop captured features (idempotent)."""
@@ -391,4 +476,5 @@ class LSMLoss(nn.Module):
             f"layers={self.names}, weight={self.weight}, tau={self.tau}, scheme={self.scheme!r}, "
             f"warmup_steps={self.warmup_steps}, shrinkage={self.shrinkage}"
             + (", gather=True" if self.gather else "")
+            + (f", num_classes={self.num_classes}" if self.num_classes is not None else "")
         )
