@@ -366,6 +366,7 @@ class LSMLoss(nn.Module):
             capture.remove()
             raise
         self.capture = capture  # a plain attribute: the model is not a submodule
+        self._hooked = True
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_skipped", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_nonfinite", torch.zeros((), dtype=torch.long), persistent=False)
@@ -407,7 +408,7 @@ class LSMLoss(nn.Module):
     # -- the loss --------------------------------------------------------------------------
     def forward(self, labels: Any) -> torch.Tensor:
         """R for the features of the latest forward pass (see the module docstring)."""
-        if not self.capture.attached:
+        if not self._hooked:  # not capture.attached: dynamo cannot trace its hook handles
             raise RuntimeError("LSMLoss: the hooks were removed (remove()); create a new LSMLoss")
         feats = self.capture.features
         if not feats:
@@ -437,7 +438,7 @@ class LSMLoss(nn.Module):
                 self.reduce, self.crossfit, nan_if_not_finite=True,
             )
         else:
-            if not self._range_checked:
+            if not self._range_checked and not torch.compiler.is_compiling():
                 _check_range(y, self.num_classes)
                 self._range_checked = True
             scores, degenerate = _static_scores(
@@ -470,6 +471,7 @@ class LSMLoss(nn.Module):
         """Remove the hooks from the model and drop captured features (idempotent)."""
         self.capture.remove()
         self.capture.clear()
+        self._hooked = False
 
     def extra_repr(self) -> str:
         return (
