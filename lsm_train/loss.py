@@ -1,4 +1,4 @@
-"""Separability auxiliary loss on hidden layers (DESIGN §1, use 2).
+"""Separability auxiliary loss on hidden layers (docs/loss.md).
 
     reg = lt.LSMLoss(model, layers=["layer3", "layer4"], weight=0.1)
     loss = F.cross_entropy(model(x), y) + reg(y)
@@ -9,7 +9,7 @@ The regulariser of a batch with labels y is
 
 where H_l is the output of layer l in the latest forward pass (captured with
 :class:`~lsm_train.capture.HiddenCapture`, ``detach=False``, so R has gradients to the model),
-S_l ∈ (0, 1) is the differentiable soft MD-LSM (:func:`lsm_train.surrogate.soft_md_lsm`) and
+S_l ∈ (0, 1) is the differentiable soft MD-LSM (:func:`lsm_train.measures.soft.soft_md_lsm`) and
 
 * α_l = ``layer_weights``: by default uniform 1/L, so ``weight`` means the same for one layer
   or ten (R ≤ weight); a dict {layer name: α} or a list in ``names`` order is used as given
@@ -43,7 +43,6 @@ communication).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,9 +52,14 @@ from torch import nn
 from lsm_train._validation import check_positive
 from lsm_train.capture import HiddenCapture
 from lsm_train.features import REDUCTIONS
-from lsm_train.measures.soft import LabelLayout, soft_md_lsm, static_scores
-from lsm_train.measures.soft.api import static_features
-from lsm_train.measures.soft.options import full_precision, label_vector
+from lsm_train.layer_scores import (
+    batch_labels,
+    check_label_range,
+    combine,
+    gather_ranks,
+    reference_scores,
+    static_layer_scores,
+)
 
 __all__ = ["LSMLoss", "lsm_loss"]
 
@@ -115,97 +119,6 @@ def _layer_weights(layer_weights: Any, names: list[str]) -> list[float]:
     return alphas
 
 
-def _labels(labels: Any, feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """int64 labels (n,) on the features' device, one per sample of every layer's batch;
-    type and shape checked without a host read (float labels and (n, 1) columns raise)."""
-    for name, f in feats.items():
-        if f.ndim < 2:
-            raise ValueError(
-                f"features[{name!r}]: expected a batch (N, d, ...), got shape {tuple(f.shape)}"
-            )
-    sizes = {name: f.shape[0] for name, f in feats.items()}
-    first = next(iter(sizes))
-    y = label_vector(labels, sizes[first], name="labels",
-                     per=f"sample of the batch seen by layer {first!r}")
-    for name, n in sizes.items():
-        if n != y.shape[0]:
-            raise ValueError(
-                f"labels: expected {n} labels, one per sample of the batch seen by "
-                f"layer {name!r}, got {y.shape[0]}"
-            )
-    return y.to(device=feats[first].device, dtype=torch.int64)
-
-
-def _check_range(y: torch.Tensor, num_classes: int | None) -> None:
-    """Labels >= 0 (and < num_classes): one host read."""
-    lo, hi = torch.stack([y.min(), y.max()]).tolist()
-    if lo < 0:
-        raise ValueError(f"labels: expected class labels >= 0, got minimum {lo}")
-    if num_classes is not None and hi >= num_classes:
-        raise ValueError(f"labels: expected class labels in [0, num_classes={num_classes}), "
-                         f"got maximum {hi}")
-
-
-def _scores(
-    feats: Mapping[str, torch.Tensor],
-    y: torch.Tensor,
-    tau: float,
-    scheme: str,
-    shrinkage: float,
-    detach_directions: bool,
-    reduce: str,
-    crossfit: bool = False,
-    nan_if_not_finite: bool = False,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """({layer: S_l} (0-dim tensors attached to the graph), degenerate): the reference path,
-    one :class:`LabelLayout` for every layer of the batch. ``degenerate`` (0-dim bool on the
-    device) is True when the batch has fewer than two classes to score.
-
-    Non-finite features raise (soft_md_lsm's check) unless ``nan_if_not_finite``: then
-    S_l = NaN, still attached to the graph, so a diverged model gives a NaN loss."""
-    layout = LabelLayout(y)
-    out = {}
-    for name, f in feats.items():
-        if f.dtype in (torch.float16, torch.bfloat16):
-            f = f.float()
-        try:  # soft_md_lsm turns autocast off itself and checks finiteness in its own pass
-            out[name] = soft_md_lsm(
-                f, y, tau, scheme=scheme, shrinkage=shrinkage,
-                detach_directions=detach_directions, reduce=reduce, crossfit=crossfit,
-                layout=layout,
-            )
-        except ValueError:
-            if not nan_if_not_finite or bool(torch.isfinite(f).all()):
-                raise
-            out[name] = f.sum() * float("nan")  # still attached to the graph
-    scored = (layout.count_t >= 2).sum() if crossfit else layout.count_t.new_tensor(layout.K)
-    return out, scored < 2
-
-
-def _static_scores(
-    feats: Mapping[str, torch.Tensor], y: torch.Tensor, num_classes: int, tau: float,
-    scheme: str, shrinkage: float, reduce: str, crossfit: bool,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """As :func:`_scores` on the static path: every layer in one batched call, no host read;
-    a non-finite layer gives NaN."""
-    X = [static_features(f.float() if f.dtype in (torch.float16, torch.bfloat16) else f,
-                         reduce, name=f"features[{n!r}]") for n, f in feats.items()]
-    dtype = functools.reduce(torch.promote_types, [x.dtype for x in X])
-    with full_precision(X[0].device):
-        values, degenerate = static_scores(
-            [x.to(dtype) for x in X], y, num_classes, tau=tau, scheme=scheme,
-            shrinkage=shrinkage, crossfit=crossfit)
-    return dict(zip(feats, values.unbind(0), strict=True)), degenerate
-
-
-def _combine(scores: dict[str, torch.Tensor], alphas: list[float]) -> torch.Tensor:
-    terms = [a * (1.0 - s) for a, s in zip(alphas, scores.values(), strict=True)]
-    total = terms[0]
-    for t in terms[1:]:
-        total = total + t.to(total.device)
-    return total
-
-
 # --------------------------------------------------------------------------- functional
 
 
@@ -251,19 +164,19 @@ def lsm_loss(
         if not isinstance(f, torch.Tensor):
             raise ValueError(f"features[{name!r}]: expected a tensor, got {type(f).__name__}")
     alphas = _layer_weights(layer_weights, list(features))
-    y = _labels(labels, features)
+    y = batch_labels(labels, features)
     if gather:
-        features, y = _gather(features, y, process_group)
+        features, y = gather_ranks(features, y, process_group)
     if num_classes is None:  # soft_md_lsm checks the labels with its own host read
-        scores, _ = _scores(features, y, tau, scheme, shrinkage, detach_directions, reduce,
-                            bool(crossfit))
+        scores, _ = reference_scores(features, y, tau, scheme, shrinkage, detach_directions,
+                                     reduce, bool(crossfit))
     else:
         _check_static_options(num_classes, detach_directions)
         if validate:
-            _check_range(y, num_classes)
-        scores, _ = _static_scores(features, y, num_classes, tau, scheme, shrinkage, reduce,
-                                   bool(crossfit))
-    return weight * _combine(scores, alphas)
+            check_label_range(y, num_classes)
+        scores, _ = static_layer_scores(features, y, num_classes, tau, scheme, shrinkage,
+                                        reduce, bool(crossfit))
+    return weight * combine(scores, alphas)
 
 
 def _check_static_options(num_classes: Any, detach_directions: bool) -> int:
@@ -273,16 +186,6 @@ def _check_static_options(num_classes: Any, detach_directions: bool) -> int:
         raise ValueError("detach_directions=True is not supported with num_classes "
                          "(the static path); leave num_classes=None for it")
     return num_classes
-
-
-def _gather(
-    feats: Mapping[str, torch.Tensor], y: torch.Tensor, group: Any
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Features and labels of every rank, concatenated in rank order (local part keeps grad)."""
-    from lsm_train.distributed import all_gather_cat
-
-    out = {n: all_gather_cat(f, group, interleave=True) for n, f in feats.items()}
-    return out, all_gather_cat(y, group, interleave=True)
 
 
 # --------------------------------------------------------------------------- module
@@ -423,7 +326,7 @@ class LSMLoss(nn.Module):
                 f"(captured: {list(feats)})"
             )
         feats = {n: feats[n] for n in self.names}
-        y = _labels(labels, feats)
+        y = batch_labels(labels, feats)
         self._follow(y.device)
         world = 1
         if self.gather:
@@ -431,17 +334,17 @@ class LSMLoss(nn.Module):
 
             world = world_size(self.process_group)
             if world > 1:
-                feats, y = _gather(feats, y, self.process_group)
+                feats, y = gather_ranks(feats, y, self.process_group)
         if self.num_classes is None:
-            scores, degenerate = _scores(
+            scores, degenerate = reference_scores(
                 feats, y, self.tau, self.scheme, self.shrinkage, self.detach_directions,
                 self.reduce, self.crossfit, nan_if_not_finite=True,
             )
         else:
             if not self._range_checked and not torch.compiler.is_compiling():
-                _check_range(y, self.num_classes)
+                check_label_range(y, self.num_classes)
                 self._range_checked = True
-            scores, degenerate = _static_scores(
+            scores, degenerate = static_layer_scores(
                 feats, y, self.num_classes, self.tau, self.scheme, self.shrinkage, self.reduce,
                 self.crossfit,
             )
@@ -450,7 +353,7 @@ class LSMLoss(nn.Module):
         self.num_skipped += degenerate
         last = torch.stack([s.to(y.device) for s in self._last.values()])
         self.num_nonfinite += (~torch.isfinite(last)).sum()
-        reg = self.weight * _combine(scores, self.alphas)
+        reg = self.weight * combine(scores, self.alphas)
         if self.warmup_steps:
             ramp = (self.num_steps.double() / self.warmup_steps).clamp(max=1.0)
             reg = reg * ramp.to(device=reg.device, dtype=reg.dtype)
