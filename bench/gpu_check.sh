@@ -34,7 +34,7 @@ echo "== 2. soft measure latency, step overhead and zoo on the GPU"
 timeout 150 $PY bench/soft_latency.py --device cuda --compile --repeats 50 \
   --sizes 128x256,128x2048,512x256,512x2048 2>&1 | tee "$OUT/soft_latency_cuda.txt"
 timeout 200 $PY bench/step_overhead.py --device cuda --compile --models convnet --reps 5 \
-  --steps 20 --variants "+LSMLoss,+LSMLoss(crossfit),+LSMLoss(K),+LSMLoss(K,crossfit),compiled +LSMLoss(K),compiled +LSMLoss(K,crossfit)" \
+  --steps 20 --variants "+LSMLoss;+LSMLoss(crossfit);+LSMLoss(K);+LSMLoss(K,crossfit);compiled +LSMLoss(K);compiled +LSMLoss(K,crossfit)" \
   2>&1 | tee "$OUT/step_overhead_cuda.txt"
 timeout 60 $PY bench/zoo.py --device cuda --gpu-scale --repeats 5 --warmup 2 2>&1 \
   | tee "$OUT/zoo_cuda.txt"

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/step_overhead.py [--reps 5] [--steps 20] [--threads N] [--quick]
     .venv/bin/python bench/step_overhead.py --device cuda [--compile]
-    .venv/bin/python bench/step_overhead.py --variants plain,+LSMLoss(K,crossfit) --models convnet
+    .venv/bin/python bench/step_overhead.py --models convnet --variants "+LSMLoss;+LSMLoss(K)"
 
 Three models: a small conv net (3 conv blocks with BatchNorm, 3x32x32 inputs) and two MLPs
 with hidden layers 512 -> 256: one on the same 3x32x32 batches flattened (3072 inputs) and
@@ -204,7 +204,7 @@ def main() -> None:
                     help="comma-separated subset of convnet, mlp3072, mlp784")
     ap.add_argument("--quick", action="store_true", help="reps=2, steps=10 (smoke run)")
     ap.add_argument("--variants", default=None,
-                    help="comma-separated subset of the variants (default: all)")
+                    help="';'-separated subset of the variants (default: all)")
     ap.add_argument("--compile", action="store_true", help="add the compiled variants")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend")
     args = ap.parse_args()
@@ -228,7 +228,7 @@ def main() -> None:
     if args.compile:
         variants += ["compiled plain", "compiled +LSMLoss(K)", "compiled +LSMLoss(K,crossfit)"]
     if args.variants:
-        chosen = args.variants.split(",")
+        chosen = args.variants.split(";")
         unknown = set(chosen) - set(variants)
         if unknown:
             ap.error(f"--variants: unknown {sorted(unknown)}; expected a subset of {variants}")
