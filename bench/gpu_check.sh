@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The checks we run on a GPU machine (the "On a GPU" figures in the README), in one go:
 #   1. the CUDA tests and the real torchvision/timm model tests,
-#   2. bench/step_overhead.py and bench/zoo.py on the GPU,
+#   2. bench/soft_latency.py (fused, static eager, compiled, CUDA-graph replay),
+#      bench/step_overhead.py (reference and static LSMLoss, eager and compiled) and
+#      bench/zoo.py on the GPU,
 #   3. the whole fast test suite with trainer.device=auto resolving to cuda.
 #
 #   OUT=gpu-out bash bench/gpu_check.sh        # logs land in $OUT
@@ -29,9 +31,11 @@ timeout 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/te
   tests/test_models.py 2>&1 | tee "$OUT/tests_cuda.log" | tail -25
 
 echo "== 2. soft measure latency, step overhead and zoo on the GPU"
-timeout 60 $PY bench/soft_latency.py --device cuda 2>&1 | tee "$OUT/soft_latency_cuda.txt"
-timeout 100 $PY bench/step_overhead.py --device cuda --reps 5 --steps 20 2>&1 \
-  | tee "$OUT/step_overhead_cuda.txt"
+timeout 150 $PY bench/soft_latency.py --device cuda --compile --repeats 50 \
+  --sizes 128x256,128x2048,512x256,512x2048 2>&1 | tee "$OUT/soft_latency_cuda.txt"
+timeout 200 $PY bench/step_overhead.py --device cuda --compile --models convnet --reps 5 \
+  --steps 20 --variants "+LSMLoss;+LSMLoss(crossfit);+LSMLoss(K);+LSMLoss(K,crossfit);compiled +LSMLoss(K);compiled +LSMLoss(K,crossfit)" \
+  2>&1 | tee "$OUT/step_overhead_cuda.txt"
 timeout 60 $PY bench/zoo.py --device cuda --gpu-scale --repeats 5 --warmup 2 2>&1 \
   | tee "$OUT/zoo_cuda.txt"
 

@@ -1,7 +1,8 @@
 """Per-step cost of LSMLoss and SeparabilityGuard next to a plain training step.
 
     .venv/bin/python bench/step_overhead.py [--reps 5] [--steps 20] [--threads N] [--quick]
-    .venv/bin/python bench/step_overhead.py --device cuda
+    .venv/bin/python bench/step_overhead.py --device cuda [--compile]
+    .venv/bin/python bench/step_overhead.py --models convnet --variants "+LSMLoss;+LSMLoss(K)"
 
 Three models: a small conv net (3 conv blocks with BatchNorm, 3x32x32 inputs) and two MLPs
 with hidden layers 512 -> 256: one on the same 3x32x32 batches flattened (3072 inputs) and
@@ -12,7 +13,13 @@ Variants, run interleaved (each repetition runs every variant for ``--steps`` st
 in a rotated order, so drifts of a shared machine hit all of them alike):
 
   plain                 forward + cross-entropy + backward + step
-  +LSMLoss              plus reg(y) on the hidden layers (weight 0.1)
+  +LSMLoss              plus reg(y) on the hidden layers (weight 0.1), the reference path
+  +LSMLoss(crossfit)    the same, crossfit=True
+  +LSMLoss(K)           LSMLoss(num_classes=10): the static path, all layers in one call
+  +LSMLoss(K,crossfit)  the static path, crossfit=True
+  compiled ...          with ``--compile``: plain and the static variants with forward and
+                        loss under torch.compile(fullgraph=True, dynamic=False) (hooks
+                        registered before compiling); ratios to "compiled plain"
   +Guard(every=1)       SeparabilityGuard, a probe as large as the batch, check every step
   +Guard(every=1,exact) the same with track_buffers=True (the cached score is keyed on the
                         BatchNorm statistics too: two probe forwards per check on the conv net)
@@ -21,8 +28,10 @@ in a rotated order, so drifts of a shared machine hit all of them alike):
                         (one probe forward and one snapshot per 10 steps)
 
 Reported: ms per step of the fastest repetition (on a shared machine the minimum is the
-least disturbed estimate) and the median, the ratio of the minima to plain, the targets
-(LSMLoss <= 1.15x, Guard <= 1.5x every step, <= 1.1x every 10 steps), a breakdown of one
+least disturbed estimate) and the median, the ratio of the minima to plain, the aten
+operators one step dispatches (profiler, top-level calls), the targets (LSMLoss in-sample
+<= 1.15x, crossfit <= 1.5x, compiled <= 1.3x; Guard <= 1.5x every step, <= 1.1x every 10
+steps), a breakdown of one
 check, and the snapshot memory against parameter + optimizer-state bytes. Data are random
 tensors (the cost does not depend on them); the guard's tolerance is 1 so every step is kept
 (rejections cost the same plus a restore copy).
@@ -39,6 +48,7 @@ import time
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.profiler import profile
 
 from lsm_train.guard import SeparabilityGuard
 
@@ -87,7 +97,7 @@ class Runner:
     """One model + optimizer (+ loss / guard) that runs timed training steps."""
 
     def __init__(self, variant: str, model_fn, shape, optim: str, batch: int,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", backend: str = "inductor") -> None:
         torch.manual_seed(0)
         self.device = torch.device(device)
         self.model = model_fn().to(self.device)
@@ -96,10 +106,15 @@ class Runner:
         self.x = torch.randn(batch, *shape, generator=g).to(self.device)
         self.y = (torch.arange(batch) % 10).to(self.device)
         self.reg = None
-        if variant == "+LSMLoss":
+        if "+LSMLoss" in variant:
             from lsm_train.loss import LSMLoss
 
-            self.reg = LSMLoss(self.model, weight=0.1)
+            self.reg = LSMLoss(self.model, weight=0.1, crossfit="crossfit" in variant,
+                               num_classes=10 if "(K" in variant else None)
+        self.forward = self._forward
+        if variant.startswith("compiled"):
+            self.forward = torch.compile(self._forward, fullgraph=self.reg is not None,
+                                         dynamic=False, backend=backend)
         if variant.startswith("+Guard"):
             probe = (torch.randn(batch, *shape, generator=g).to(self.device),
                      (torch.arange(batch) % 10).to(self.device))
@@ -110,13 +125,23 @@ class Runner:
                 scope="window" if "window" in variant else "step",
             )
 
+    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(self.model(x), y)
+        if self.reg is not None:
+            loss = loss + self.reg(y)
+        return loss
+
     def step(self) -> None:
         self.opt.zero_grad()
-        loss = F.cross_entropy(self.model(self.x), self.y)
-        if self.reg is not None:
-            loss = loss + self.reg(self.y)
-        loss.backward()
+        self.forward(self.x, self.y).backward()
         self.opt.step()
+
+    def ops(self) -> int:
+        """aten operators dispatched by one step (top-level calls, profiler)."""
+        with profile() as prof:
+            self.step()
+        return sum(1 for e in prof.events() if e.name.startswith("aten::") and (
+            e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
 
     def timed(self, steps: int) -> float:
         sync()
@@ -178,6 +203,10 @@ def main() -> None:
     ap.add_argument("--models", default="convnet,mlp3072,mlp784",
                     help="comma-separated subset of convnet, mlp3072, mlp784")
     ap.add_argument("--quick", action="store_true", help="reps=2, steps=10 (smoke run)")
+    ap.add_argument("--variants", default=None,
+                    help="';'-separated subset of the variants (default: all)")
+    ap.add_argument("--compile", action="store_true", help="add the compiled variants")
+    ap.add_argument("--backend", default="inductor", help="torch.compile backend")
     args = ap.parse_args()
     if args.quick:
         args.reps, args.steps = 2, 10
@@ -193,10 +222,22 @@ def main() -> None:
     print(f"batch {args.batch}, optimizer {args.optim}, {args.reps} interleaved reps x "
           f"{args.steps} steps per variant\n")
 
-    variants = ["plain", "+LSMLoss", "+Guard(every=1)", "+Guard(every=1,exact)",
+    variants = ["plain", "+LSMLoss", "+LSMLoss(crossfit)", "+LSMLoss(K)",
+                "+LSMLoss(K,crossfit)", "+Guard(every=1)", "+Guard(every=1,exact)",
                 "+Guard(every=10)", "+Guard(every=10,window)"]
-    targets = {"+LSMLoss": 1.15, "+Guard(every=1)": 1.5, "+Guard(every=1,exact)": 1.5,
-               "+Guard(every=10)": 1.1, "+Guard(every=10,window)": 1.1}
+    if args.compile:
+        variants += ["compiled plain", "compiled +LSMLoss(K)", "compiled +LSMLoss(K,crossfit)"]
+    if args.variants:
+        chosen = args.variants.split(";")
+        unknown = set(chosen) - set(variants)
+        if unknown:
+            ap.error(f"--variants: unknown {sorted(unknown)}; expected a subset of {variants}")
+        variants = [v for v in variants if v in chosen or v in ("plain", "compiled plain")]
+    targets = {"+LSMLoss": 1.15, "+LSMLoss(K)": 1.15, "+LSMLoss(crossfit)": 1.5,
+               "+LSMLoss(K,crossfit)": 1.5, "compiled +LSMLoss(K)": 1.3,
+               "compiled +LSMLoss(K,crossfit)": 1.3, "+Guard(every=1)": 1.5,
+               "+Guard(every=1,exact)": 1.5, "+Guard(every=10)": 1.1,
+               "+Guard(every=10,window)": 1.1}
     all_models = {
         "convnet": ("convnet 3x32x32", ConvNet, (3, 32, 32)),
         "mlp3072": ("mlp 3x32x32 (3072-512-256-10)", lambda: MLP(3072), (3072,)),
@@ -210,7 +251,8 @@ def main() -> None:
         runners = {}
         for v in variants:
             try:
-                runners[v] = Runner(v, model_fn, shape, args.optim, args.batch, args.device)
+                runners[v] = Runner(v, model_fn, shape, args.optim, args.batch, args.device,
+                                    args.backend)
             except ImportError as err:
                 print(f"  {v}: skipped ({err})")
         for r in runners.values():  # warm-up (allocations, snapshot buffers, caches)
@@ -221,19 +263,22 @@ def main() -> None:
             order = names[rep % len(names):] + names[: rep % len(names)]
             for v in order:
                 times[v].append(runners[v].timed(args.steps))
-        plain, plain_med = min(times["plain"]), statistics.median(times["plain"])
         print(f"== {title}")
-        print(f"  {'variant':26s} {'min ms':>9s} {'ratio':>7s} {'median ms':>10s} {'ratio':>7s}"
-              f" {'target':>7s}")
+        print(f"  {'variant':30s} {'min ms':>9s} {'ratio':>7s} {'median ms':>10s} {'ratio':>7s}"
+              f" {'ops':>6s} {'target':>7s}")
         for v in names:
+            base = "compiled plain" if v.startswith("compiled") else "plain"
+            plain, plain_med = min(times[base]), statistics.median(times[base])
             ms, med = min(times[v]), statistics.median(times[v])
             t = targets.get(v)
             verdict = "" if t is None else ("ok" if ms / plain <= t else "MISSED")
             tgt = "" if t is None else f"<={t:.2f}"
-            print(f"  {v:26s} {ms:9.2f} {ms / plain:6.2f}x {med:10.2f} {med / plain_med:6.2f}x"
-                  f" {tgt:>7s} {verdict}")
+            print(f"  {v:30s} {ms:9.2f} {ms / plain:6.2f}x {med:10.2f} {med / plain_med:6.2f}x"
+                  f" {runners[v].ops():6d} {tgt:>7s} {verdict}", flush=True)
 
-        guard_runner = runners["+Guard(every=1)"]
+        guard_runner = runners.get("+Guard(every=1)")
+        if guard_runner is None:
+            continue
         guard = guard_runner.opt
         print("  one check, ms (best of 5): " + ", ".join(
             f"{k} {v:.2f}" for k, v in check_breakdown(guard_runner).items()))

@@ -1,6 +1,6 @@
 """Reduce a layer's output to one feature vector per sample.
 
-``reduce`` (DESIGN §2, "Layer score"):
+``reduce`` (docs/loss.md, the soft measure's ``reduce`` option):
 
 * ``"auto"``       (N, d) as is; (N, C, H, W) and other (N, C, *spatial) maps -> global
                    average pool over the spatial axes; (N, T, D) token sequences -> token mean.

@@ -1,4 +1,4 @@
-"""Separability auxiliary loss on hidden layers (DESIGN §1, use 2).
+"""Separability auxiliary loss on hidden layers (docs/loss.md).
 
     reg = lt.LSMLoss(model, layers=["layer3", "layer4"], weight=0.1)
     loss = F.cross_entropy(model(x), y) + reg(y)
@@ -9,7 +9,7 @@ The regulariser of a batch with labels y is
 
 where H_l is the output of layer l in the latest forward pass (captured with
 :class:`~lsm_train.capture.HiddenCapture`, ``detach=False``, so R has gradients to the model),
-S_l ∈ (0, 1) is the differentiable soft MD-LSM (:func:`lsm_train.surrogate.soft_md_lsm`) and
+S_l ∈ (0, 1) is the differentiable soft MD-LSM (:func:`lsm_train.measures.soft.soft_md_lsm`) and
 
 * α_l = ``layer_weights``: by default uniform 1/L, so ``weight`` means the same for one layer
   or ten (R ≤ weight); a dict {layer name: α} or a list in ``names`` order is used as given
@@ -52,6 +52,14 @@ from torch import nn
 from lsm_train._validation import check_positive
 from lsm_train.capture import HiddenCapture
 from lsm_train.features import REDUCTIONS
+from lsm_train.layer_scores import (
+    batch_labels,
+    check_label_range,
+    combine,
+    gather_ranks,
+    reference_scores,
+    static_layer_scores,
+)
 
 __all__ = ["LSMLoss", "lsm_loss"]
 
@@ -111,75 +119,6 @@ def _layer_weights(layer_weights: Any, names: list[str]) -> list[float]:
     return alphas
 
 
-def _labels(labels: Any, feats: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
-    for name, f in feats.items():
-        if f.ndim < 2:
-            raise ValueError(
-                f"features[{name!r}]: expected a batch (N, d, ...), got shape {tuple(f.shape)}"
-            )
-    from lsm_train.surrogate import _labels_and_layout
-
-    sizes = {name: f.shape[0] for name, f in feats.items()}
-    first = next(iter(sizes))
-    # validated on the features' device through the surrogate's label cache; the layout is
-    # pinned while the layers are scored (_scores), so they read nothing from the labels again
-    y, lay = _labels_and_layout(labels, sizes[first], feats[first].device, name="labels",
-                              per=f"sample of the batch seen by layer {first!r}")
-    for name, n in sizes.items():
-        if n != y.shape[0]:
-            raise ValueError(
-                f"labels: expected {n} labels, one per sample of the batch seen by "
-                f"layer {name!r}, got {y.shape[0]}"
-            )
-    return y, lay
-
-
-def _scores(
-    feats: Mapping[str, torch.Tensor],
-    y: torch.Tensor,
-    tau: float,
-    scheme: str,
-    shrinkage: float,
-    detach_directions: bool,
-    reduce: str,
-    crossfit: bool = False,
-    nan_if_not_finite: bool = False,
-    layout: Any = None,
-) -> dict[str, torch.Tensor]:
-    """{layer: S_l} (0-dim tensors attached to the graph); ``layout``: that of ``y`` when the
-    caller has it (from :func:`_labels`).
-
-    Non-finite features raise (soft_md_lsm's check) unless ``nan_if_not_finite``: then
-    S_l = NaN, still attached to the graph, so a diverged model gives a NaN loss."""
-    from lsm_train.surrogate import _labels_and_layout, pinned_labels, soft_md_lsm
-
-    if layout is None:
-        y, layout = _labels_and_layout(y, y.shape[0], y.device, name="labels")
-    out = {}
-    with pinned_labels(y, layout):
-        for name, f in feats.items():
-            if f.dtype in (torch.float16, torch.bfloat16):
-                f = f.float()
-            try:  # soft_md_lsm turns autocast off itself and checks finiteness in its own pass
-                out[name] = soft_md_lsm(
-                    f, y, tau, scheme=scheme, shrinkage=shrinkage,
-                    detach_directions=detach_directions, reduce=reduce, crossfit=crossfit,
-                )
-            except ValueError:
-                if not nan_if_not_finite or bool(torch.isfinite(f).all()):
-                    raise
-                out[name] = f.sum() * float("nan")  # still attached to the graph
-    return out
-
-
-def _combine(scores: dict[str, torch.Tensor], alphas: list[float]) -> torch.Tensor:
-    terms = [a * (1.0 - s) for a, s in zip(alphas, scores.values(), strict=True)]
-    total = terms[0]
-    for t in terms[1:]:
-        total = total + t.to(total.device)
-    return total
-
-
 # --------------------------------------------------------------------------- functional
 
 
@@ -197,6 +136,8 @@ def lsm_loss(
     crossfit: bool = False,
     gather: bool = False,
     process_group: Any = None,
+    num_classes: int | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """``weight · Σ_l α_l (1 − soft_md_lsm(features_l, labels))`` as a 0-dim tensor.
 
@@ -205,6 +146,8 @@ def lsm_loss(
     ``gather``: score the features of all ranks (see the module docstring); the returned
     value is the same on every rank, its gradient reaches the local features only
     (not rescaled here: this function knows nothing of DDP's averaging).
+    ``num_classes``: the static path, all layers in one batched call (see :class:`LSMLoss`);
+    ``validate``: then check the labels' range first (one host read).
     """
     weight = check_positive(weight, "weight", allow_zero=True)
     tau = _check_options(tau, scheme, shrinkage, reduce)
@@ -221,22 +164,28 @@ def lsm_loss(
         if not isinstance(f, torch.Tensor):
             raise ValueError(f"features[{name!r}]: expected a tensor, got {type(f).__name__}")
     alphas = _layer_weights(layer_weights, list(features))
-    y, lay = _labels(labels, features)
+    y = batch_labels(labels, features)
     if gather:
-        (features, y), lay = _gather(features, y, process_group), None
-    scores = _scores(features, y, tau, scheme, shrinkage, detach_directions, reduce,
-                     bool(crossfit), layout=lay)
-    return weight * _combine(scores, alphas)
+        features, y = gather_ranks(features, y, process_group)
+    if num_classes is None:  # soft_md_lsm checks the labels with its own host read
+        scores, _ = reference_scores(features, y, tau, scheme, shrinkage, detach_directions,
+                                     reduce, bool(crossfit))
+    else:
+        _check_static_options(num_classes, detach_directions)
+        if validate:
+            check_label_range(y, num_classes)
+        scores, _ = static_layer_scores(features, y, num_classes, tau, scheme, shrinkage,
+                                        reduce, bool(crossfit))
+    return weight * combine(scores, alphas)
 
 
-def _gather(
-    feats: Mapping[str, torch.Tensor], y: torch.Tensor, group: Any
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Features and labels of every rank, concatenated in rank order (local part keeps grad)."""
-    from lsm_train.distributed import all_gather_cat
-
-    out = {n: all_gather_cat(f, group, interleave=True) for n, f in feats.items()}
-    return out, all_gather_cat(y, group, interleave=True)
+def _check_static_options(num_classes: Any, detach_directions: bool) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes: expected None or an int >= 1, got {num_classes!r}")
+    if detach_directions:
+        raise ValueError("detach_directions=True is not supported with num_classes "
+                         "(the static path); leave num_classes=None for it")
+    return num_classes
 
 
 # --------------------------------------------------------------------------- module
@@ -258,15 +207,24 @@ class LSMLoss(nn.Module):
             global batch) instead of the local batch; see the module docstring.
         process_group: the group to gather over (default: the world).
         output_index: which tensor of a tuple/dict layer output (see HiddenCapture).
+        num_classes: K: the static, sync-free path (labels in [0, K)): all layers scored in
+            one batched call with no host read, counters kept on the features' device; works
+            with ``torch.compile`` and CUDA graphs. The labels' range is checked on the first
+            call (one host read); later, a label outside [0, K) gives a NaN loss.
+            Not with ``detach_directions``.
 
     Use: run ``model(x)``, then ``reg(labels)`` once; the captured features are consumed
     (dropped) by the call, so a second call without a new forward pass raises. The model
     is not a submodule: ``reg.state_dict()`` holds only the counters ``num_steps`` and
     ``num_skipped``, and ``reg.parameters()`` is empty. ``remove()`` detaches the hooks.
+    The counters follow the features to their device (moved once, on the first call), so
+    updating them costs no host sync; ``steps``, ``skipped``, ``nonfinite`` and ``last``
+    read them (call those only when logging).
     """
 
     num_steps: torch.Tensor
     num_skipped: torch.Tensor
+    num_nonfinite: torch.Tensor
 
     def __init__(
         self,
@@ -285,8 +243,13 @@ class LSMLoss(nn.Module):
         crossfit: bool = False,
         gather: bool = False,
         process_group: Any = None,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
+        if num_classes is not None:
+            _check_static_options(num_classes, detach_directions)
+        self.num_classes = num_classes
+        self._range_checked = False
         self.weight = check_positive(weight, "weight", allow_zero=True)
         self.tau = _check_options(tau, scheme, shrinkage, reduce)
         self.scheme = scheme
@@ -306,8 +269,10 @@ class LSMLoss(nn.Module):
             capture.remove()
             raise
         self.capture = capture  # a plain attribute: the model is not a submodule
+        self._hooked = True
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_skipped", torch.zeros((), dtype=torch.long))
+        self.register_buffer("num_nonfinite", torch.zeros((), dtype=torch.long), persistent=False)
         self._last: dict[str, torch.Tensor] = {}
 
     # -- read-only views -----------------------------------------------------------------
@@ -323,8 +288,14 @@ class LSMLoss(nn.Module):
 
     @property
     def skipped(self) -> int:
-        """Batches with fewer than two classes (they contributed 0)."""
+        """Batches with fewer than two classes to score (they contributed 0); with
+        ``crossfit``, classes of one sample are not scored."""
         return int(self.num_skipped)
+
+    @property
+    def nonfinite(self) -> int:
+        """Layer scores that were NaN (non-finite features) since construction (not saved)."""
+        return int(self.num_nonfinite)
 
     @property
     def last(self) -> dict[str, float]:
@@ -340,7 +311,7 @@ class LSMLoss(nn.Module):
     # -- the loss --------------------------------------------------------------------------
     def forward(self, labels: Any) -> torch.Tensor:
         """R for the features of the latest forward pass (see the module docstring)."""
-        if not self.capture.attached:
+        if not self._hooked:  # not capture.attached: dynamo cannot trace its hook handles
             raise RuntimeError("LSMLoss: the hooks were removed (remove()); create a new LSMLoss")
         feats = self.capture.features
         if not feats:
@@ -355,23 +326,34 @@ class LSMLoss(nn.Module):
                 f"(captured: {list(feats)})"
             )
         feats = {n: feats[n] for n in self.names}
-        y, lay = _labels(labels, feats)
+        y = batch_labels(labels, feats)
+        self._follow(y.device)
         world = 1
         if self.gather:
             from lsm_train.distributed import world_size
 
             world = world_size(self.process_group)
             if world > 1:
-                (feats, y), lay = _gather(feats, y, self.process_group), None
-        scores = _scores(
-            feats, y, self.tau, self.scheme, self.shrinkage, self.detach_directions, self.reduce,
-            self.crossfit, nan_if_not_finite=True, layout=lay,
-        )
+                feats, y = gather_ranks(feats, y, self.process_group)
+        if self.num_classes is None:
+            scores, degenerate = reference_scores(
+                feats, y, self.tau, self.scheme, self.shrinkage, self.detach_directions,
+                self.reduce, self.crossfit, nan_if_not_finite=True,
+            )
+        else:
+            if not self._range_checked and not torch.compiler.is_compiling():
+                check_label_range(y, self.num_classes)
+                self._range_checked = True
+            scores, degenerate = static_layer_scores(
+                feats, y, self.num_classes, self.tau, self.scheme, self.shrinkage, self.reduce,
+                self.crossfit,
+            )
         self.capture.clear()
         self._last = {n: s.detach() for n, s in scores.items()}
-        single = (y != y[:1]).any().logical_not() if y.numel() else torch.tensor(True)
-        self.num_skipped += single.to(self.num_skipped.device)
-        reg = self.weight * _combine(scores, self.alphas)
+        self.num_skipped += degenerate
+        last = torch.stack([s.to(y.device) for s in self._last.values()])
+        self.num_nonfinite += (~torch.isfinite(last)).sum()
+        reg = self.weight * combine(scores, self.alphas)
         if self.warmup_steps:
             ramp = (self.num_steps.double() / self.warmup_steps).clamp(max=1.0)
             reg = reg * ramp.to(device=reg.device, dtype=reg.dtype)
@@ -381,14 +363,23 @@ class LSMLoss(nn.Module):
             self.num_steps += 1
         return reg
 
+    def _follow(self, device: torch.device) -> None:
+        """Move the counters to ``device`` (once) so that updating them needs no sync."""
+        for name in ("num_steps", "num_skipped", "num_nonfinite"):
+            buf = getattr(self, name)
+            if buf.device != device:
+                setattr(self, name, buf.to(device))
+
     def remove(self) -> None:
         """Remove the hooks from the model and drop captured features (idempotent)."""
         self.capture.remove()
         self.capture.clear()
+        self._hooked = False
 
     def extra_repr(self) -> str:
         return (
             f"layers={self.names}, weight={self.weight}, tau={self.tau}, scheme={self.scheme!r}, "
             f"warmup_steps={self.warmup_steps}, shrinkage={self.shrinkage}"
             + (", gather=True" if self.gather else "")
+            + (f", num_classes={self.num_classes}" if self.num_classes is not None else "")
         )

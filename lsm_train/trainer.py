@@ -569,6 +569,7 @@ class Trainer:
             warmup_steps=int(cfg.get("warmup_steps", 0)),
             crossfit=bool(cfg.get("crossfit", True)),
             gather=bool(cfg.get("gather", False)),
+            num_classes=cfg.get("num_classes", self.data.num_classes),  # static path
         )
 
     def _build_guard(self, cfg: Any) -> torch.optim.Optimizer:

@@ -102,6 +102,91 @@ def test_soft_md_lsm_float32_large_batch_blocked_path():
     assert gpu == pytest.approx(cpu, abs=1e-4)
 
 
+# ------------------------------------------------------------------ the static path -------
+real_cuda = pytest.mark.skipif(DEV != "cuda", reason="CUDA sync checks and graphs need a GPU")
+
+
+def _no_sync():
+    """Raise on any host sync inside the block (CUDA only; nothing on the CPU stand-in)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def mode():
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    return mode() if DEV == "cuda" else contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("scheme", ["pairwise", "ovr"])
+@pytest.mark.parametrize("d", [16, 200])
+@pytest.mark.parametrize("crossfit", [False, True])
+def test_static_soft_md_lsm_is_sync_free_and_matches_cpu(scheme, d, crossfit):
+    H, y = blobs(n=96, d=d, k=3, sep=0.5)
+    Hc = H.clone().requires_grad_(True)
+    Hg = H.to(DEV).requires_grad_(True)
+    yg = y.to(DEV)
+    vc = lt.soft_md_lsm(Hc, y, scheme=scheme, crossfit=crossfit)
+    with _no_sync():
+        vg = lt.soft_md_lsm(Hg, yg, scheme=scheme, crossfit=crossfit, num_classes=5,
+                            validate=False)
+        vg.backward()
+    assert vg.item() == pytest.approx(vc.item(), rel=1e-9, abs=1e-12)
+    vc.backward()
+    torch.testing.assert_close(Hg.grad.cpu(), Hc.grad, rtol=1e-7, atol=1e-10)
+
+
+def _static_runner(seed: int = 0):
+    torch.manual_seed(seed)
+    model = ConvNet().to(DEV)
+    reg = lt.LSMLoss(model, weight=0.5, num_classes=3, crossfit=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def step(x, y):
+        loss = F.cross_entropy(model(x), y) + reg(y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return model, reg, opt, step
+
+
+@real_cuda
+def test_lsm_loss_static_step_is_sync_free_and_replays_from_a_cuda_graph():
+    """A training step with LSMLoss(num_classes=K): no host sync after the first call, and
+    captured in a CUDA graph its replays train like the eager twin."""
+    x, y = (t.to(DEV) for t in image_batch())
+    model, reg, opt, step = _static_runner()
+    twin, twin_reg, twin_opt, twin_step = _static_runner()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up: the first call checks the labels (a sync)
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            step(x, y)
+    torch.cuda.current_stream().wait_stream(stream)
+    opt.zero_grad(set_to_none=True)
+    with _no_sync():
+        step(x, y)  # eager, after the first call: sync-free
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        loss = step(x, y)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    for _ in range(4 + 3):
+        twin_opt.zero_grad(set_to_none=True)
+        twin_loss = twin_step(x, y)
+    assert loss.item() == pytest.approx(twin_loss.item(), rel=1e-4)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    assert reg.steps == twin_reg.steps == 7 and reg.skipped == 0
+
+
 # ------------------------------------------------------------------ capture and loss ------
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_lsm_loss_under_autocast_has_finite_gradients(dtype):

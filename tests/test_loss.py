@@ -10,7 +10,7 @@ from test_surrogate import count_syncs
 from torch import nn
 
 import lsm_train as lt
-from lsm_train.surrogate import soft_md_lsm
+from lsm_train.measures.soft import soft_md_lsm
 
 
 class Block(nn.Module):
