@@ -11,14 +11,18 @@ or a full disk leaves) is dropped with a warning, by the rewrite and by
 See ``docs/runs.md``.
 
 wandb is failure-tolerant: any exception from ``wandb.init``, ``log`` or ``finish`` is
-turned into one warning and training goes on (the local file is unaffected).
+turned into one warning and training goes on (the local file is unaffected). A wandb log
+file that cannot be written (a full disk) gives one warning and is dropped, instead of a
+logging traceback per record.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -134,24 +138,51 @@ class Tracker:
             import wandb
 
             wandb_dir = self.run_dir  # wandb writes <run_dir>/wandb/<offline-run-...>
-            self.run = wandb.init(
-                project=cfg.get("project") or "lsm_train",
-                entity=cfg.get("entity"),
-                mode=cfg.get("mode") or "offline",
-                group=cfg.get("group"),
-                job_type=cfg.get("job_type"),
-                tags=list(cfg.get("tags") or []),
-                name=cfg.get("name"),
-                id=cfg.get("id"),
-                resume="allow" if cfg.get("id") else None,
-                dir=str(wandb_dir),
-                config=cfg.get("config"),
-            )
+            # logging's switch for "do not print a handler's write errors": wandb.init logs
+            # to a file in the run folder, which fails record by record on a full disk
+            raise_exceptions, logging.raiseExceptions = logging.raiseExceptions, False
+            try:
+                self.run = self._start_wandb(wandb, cfg, wandb_dir)
+            finally:
+                logging.raiseExceptions = raise_exceptions
+            self._guard_log_files()
             self.run.define_metric("step")
             self.run.define_metric("*", step_metric="step")
         except Exception as err:  # noqa: BLE001 - a logger must never stop training
             self.run = None
             self._warn("init", err)
+
+    def _guard_log_files(self) -> None:
+        """On the first write error of a file handler of wandb's logger: one warning, then
+        the handler is removed (each traceback logging printed would reach wandb's console
+        capture and be logged again)."""
+        logger = logging.getLogger("wandb")
+        for handler in list(logger.handlers):
+            if not isinstance(handler, logging.FileHandler):
+                continue
+
+            def handle_error(record: logging.LogRecord, handler: Any = handler) -> None:
+                logger.removeHandler(handler)
+                err = sys.exc_info()[1] or OSError("write failed")
+                self._warn(f"log file {handler.baseFilename}", err)
+
+            handler.handleError = handle_error  # type: ignore[method-assign]
+
+    @staticmethod
+    def _start_wandb(wandb: Any, cfg: dict[str, Any], wandb_dir: Path) -> Any:
+        return wandb.init(
+            project=cfg.get("project") or "lsm_train",
+            entity=cfg.get("entity"),
+            mode=cfg.get("mode") or "offline",
+            group=cfg.get("group"),
+            job_type=cfg.get("job_type"),
+            tags=list(cfg.get("tags") or []),
+            name=cfg.get("name"),
+            id=cfg.get("id"),
+            resume="allow" if cfg.get("id") else None,
+            dir=str(wandb_dir),
+            config=cfg.get("config"),
+        )
 
     @property
     def wandb_id(self) -> str | None:

@@ -449,3 +449,19 @@ def test_a_config_error_leaves_no_run_folder_and_a_run_prints_its_folder(
     good = tmp_path / "good"
     assert _run_main(monkeypatch, *FAST, f"hydra.run.dir={good}") == 0
     assert f"lsm-train: run folder: {good}" in capsys.readouterr().err
+
+
+def test_a_full_wandb_folder_gives_one_warning_not_a_traceback_per_record(tmp_path):
+    """wandb's debug.log past a file-size limit (metrics.jsonl stays below it)."""
+    proc = _python_limited(2500, """
+        from lsm_train.app import main
+        sys.argv = ["lsm-train", *sys.argv[2:]]
+        main()
+    """, "trainer.progress=false", "lsm=off", "data.limit_train=640", "data.batch_size=16",
+        "trainer.max_steps=8", "trainer.log_every_n_steps=4", "trainer.monitor_every_n_steps=0",
+        "trainer.checkpoint=false", "trainer.plots=false", "hydra.output_subdir=null",
+        f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Logging error" not in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.count("logs/debug.log failed (OSError: [Errno 27] File too large)") == 1
+    assert [r["step"] for r in read_metrics(tmp_path)] == [4, 8]
