@@ -22,9 +22,7 @@ import torch
 
 from _wandb_offline import offline_run
 from lsm_train.app import SetupError, compose, train_from_config
-from lsm_train.checkpoint import CheckpointReadError, load_checkpoint, save_checkpoint
-from lsm_train.resume import resolve_checkpoint
-from lsm_train.runlock import RunLock, RunLockedError
+from lsm_train.checkpoint import load_checkpoint, save_checkpoint
 from lsm_train.tracking import read_metrics
 from lsm_train.trainer import Trainer
 
@@ -94,6 +92,8 @@ def test_resume_true_without_a_checkpoint_refuses_and_leaves_other_runs_alone(tm
 
 
 def test_resume_from_a_file_loads_that_file(tmp_path):
+    from lsm_train.resume import resolve_checkpoint
+
     run = tmp_path / "run"
     _run(run, "trainer.max_steps=2")
     shutil.copy(run / "checkpoint.pt", run / "step2.pt")
@@ -288,6 +288,8 @@ def test_the_wandb_run_of_a_stopped_run_ends_with_the_signal_status(tmp_path):
 
 
 def test_a_second_process_in_a_run_folder_is_refused(tmp_path):
+    from lsm_train.runlock import RunLock
+
     _run(tmp_path, "trainer.max_steps=2")
     before = (tmp_path / "metrics.jsonl").read_bytes()
     with RunLock(tmp_path):  # another process holds the folder (a separate open file)
@@ -300,6 +302,8 @@ def test_a_second_process_in_a_run_folder_is_refused(tmp_path):
 
 
 def test_the_lock_of_a_killed_process_is_released(tmp_path):
+    from lsm_train.runlock import RunLock, RunLockedError
+
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from lsm_train.runlock import RunLock; "
          "lock = RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
@@ -339,6 +343,8 @@ def _checkpoint_bytes(tmp_path: Path) -> bytes:
 
 
 def test_an_unreadable_checkpoint_is_named_with_a_hint(tmp_path):
+    from lsm_train.checkpoint import CheckpointReadError
+
     good = _checkpoint_bytes(tmp_path)
     for name, data in [("empty", b""), ("garbage", b"\x00garbage" * 10),
                        ("truncated", good[: len(good) // 2])]:
