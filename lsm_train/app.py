@@ -331,36 +331,15 @@ def train_from_config(
             dist_utils.destroy()
 
 
-def _claim_run(resume: Any, run_dir: Path) -> tuple[Path | None, Any]:
-    """The checkpoint to resume (None: a new run) and the run folder's lock, decided on
-    rank 0 and shared with every rank (a refusal raises ValueError on all of them)."""
-    from lsm_train import distributed as dist_utils
-    from lsm_train.resume import resolve_checkpoint
-    from lsm_train.runlock import RunLock
-
-    lock, answer = None, ""
-    if dist_utils.is_main_process():
-        try:
-            ckpt = resolve_checkpoint(resume, run_dir)
-            lock = RunLock(run_dir if ckpt is None else ckpt.parent).acquire()
-            answer = "" if ckpt is None else "ckpt:" + str(ckpt)
-        except (ValueError, OSError) as err:
-            answer = "err:" + str(err)
-    if dist_utils.is_initialized():
-        answer = dist_utils.broadcast_str(answer)
-    if answer.startswith("err:"):
-        raise ValueError(answer[4:])
-    return (Path(answer[5:]) if answer else None), lock
-
-
 def _train(
     cfg: DictConfig, run_dir: Path, recipe: str, sweep: str | None, model_factory: Any
 ) -> Any:
     from lsm_train import distributed as dist_utils
+    from lsm_train.runfolder import claim_run
 
     main_rank = dist_utils.is_main_process()
     try:
-        ckpt, lock = _claim_run(cfg.get("resume"), run_dir)
+        ckpt, lock = claim_run(cfg.get("resume"), run_dir)
     except ValueError as err:
         raise SetupError(str(err)) from err
     try:
@@ -380,6 +359,7 @@ def _train_locked(
 ) -> Any:
     from lsm_train import distributed as dist_utils
     from lsm_train.plots import plot_run, summary_table
+    from lsm_train.runfolder import exit_status
     from lsm_train.tracking import Tracker
     from lsm_train.trainer import NullTracker, Trainer
 
@@ -434,37 +414,8 @@ def _train_locked(
     return result
 
 
-def exit_status(result: Any) -> int:
-    """The process exit status of a run's result (None: it raised): 0 completed, 1 not
-    finite or an error, 3 replicas differ, 128 + N stopped by signal N."""
-    if result is None:
-        return 1
-    if result.status == "completed":
-        return 0
-    if result.status == "interrupted":
-        return 128 + int(result.signum or 15)
-    return 3 if result.status == "replicas_differ" else 1
-
-
 class RunFailedError(RuntimeError):
     """A job of a multirun diverged (raised so that Hydra counts it as failed)."""
-
-
-def _remove_if_only_hydra_files(run_dir: Path) -> None:
-    """A run that never started leaves no folder behind: remove ``run_dir`` when it holds
-    nothing but what Hydra and the lock wrote (``.hydra/``, ``*.log``, the lock file)."""
-    import shutil
-
-    from lsm_train.distributed import is_main_process
-    from lsm_train.runlock import LOCK_NAME
-
-    if not is_main_process() or not run_dir.is_dir():
-        return
-    for p in run_dir.iterdir():
-        ours = p.name in (".hydra", LOCK_NAME) or (p.is_file() and p.suffix == ".log")
-        if not ours:
-            return
-    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _hydra_task(cfg: DictConfig) -> float | None:
@@ -473,6 +424,7 @@ def _hydra_task(cfg: DictConfig) -> float | None:
 
     from lsm_train.checkpoint import CheckpointWriteError
     from lsm_train.distributed import ParameterMismatchError
+    from lsm_train.runfolder import exit_status, remove_if_only_hydra_files
     from lsm_train.tracking import MetricsWriteError
 
     hc = HydraConfig.get()
@@ -490,7 +442,7 @@ def _hydra_task(cfg: DictConfig) -> float | None:
     try:
         result = train_from_config(cfg, run_dir, recipe=recipe, sweep=sweep)
     except SetupError as err:
-        _remove_if_only_hydra_files(run_dir)
+        remove_if_only_hydra_files(run_dir)
         fail(err, 2)
     except ParameterMismatchError as err:
         fail(err, 3)
@@ -530,65 +482,6 @@ def _share_run_dir(argv: list[str]) -> None:
         argv.append("hydra.output_subdir=null")
 
 
-def _arg_value(argv: list[str], key: str) -> str | None:
-    """The last command-line value of ``key`` (``key=``, ``+key=`` or ``++key=``)."""
-    found = None
-    for a in argv[1:]:
-        name, sep, value = a.lstrip("+").partition("=")
-        if sep and name == key:
-            found = value
-    return found
-
-
-def _check_recipes(argv: list[str]) -> None:
-    """An unknown ``recipe=`` value: list the real recipes and exit 2 (Hydra would list
-    the top folder of recipes/ only)."""
-    value = _arg_value(argv, "recipe")
-    if value is None or "(" in value:  # a sweep function (choice, glob, ...) is Hydra's
-        return
-    known = list_recipes()
-    unknown = [v.strip() for v in value.split(",") if v.strip() not in known]
-    if unknown:
-        print(f"lsm-train: error: unknown recipe {', '.join(unknown)}; the recipes are: "
-              + ", ".join(known), file=sys.stderr)
-        sys.exit(2)
-
-
-def _check_writable(argv: list[str], multirun: bool) -> None:
-    """A run folder that cannot be written: say so and exit 2 before Hydra writes there."""
-    import tempfile
-
-    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    target = Path(_arg_value(argv, key) or ("multirun" if multirun else "outputs"))
-    if "${" in str(target):
-        target = Path(str(target).split("${", 1)[0] or ".")
-    folder = target.absolute()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        print(f"lsm-train: error: the run folder {target} cannot be written ({folder}: "
-              f"{err.strerror or err}; a read-only file system or no permission); choose "
-              f"another with {key}=<folder>", file=sys.stderr)
-        sys.exit(2)
-
-
-def _resume_args(argv: list[str]) -> None:
-    """``resume=<folder or file>`` runs in that folder (``hydra.run.dir``, unless given);
-    a resume records its config in ``.hydra/resume-<time>/``, keeping the run's own
-    ``.hydra/`` as it was."""
-    value = _arg_value(argv, "resume")
-    if value is None or value in ("false", "False", "null", ""):
-        return
-    if value not in ("true", "True") and _arg_value(argv, "hydra.run.dir") is None:
-        path = Path(value).expanduser()
-        argv.append(f"hydra.run.dir={path.parent if path.is_file() else path}")
-    if _arg_value(argv, "hydra.output_subdir") is None:
-        argv.append("hydra.output_subdir=.hydra/resume-${now:" + RUN_STAMP_FORMAT + "}")
-
-
 def main() -> None:
     """Console entry point ``lsm-train``."""
     import hydra
@@ -607,10 +500,12 @@ def main() -> None:
     info_only = any(a in ("-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info")
                     for a in sys.argv[1:])
     if not info_only:
-        _check_recipes(sys.argv)
+        from lsm_train.cli_args import check_recipes, check_writable, resume_args
+
+        check_recipes(sys.argv)
         if not multirun:
-            _resume_args(sys.argv)
-        _check_writable(sys.argv, multirun)
+            resume_args(sys.argv, RUN_STAMP_FORMAT)
+        check_writable(sys.argv, multirun)
     if torchrun and not info_only:
         created = dist_utils.init_from_env()  # torchrun: one process group for the run
         _share_run_dir(sys.argv)

@@ -16,7 +16,9 @@ exactly the state (and ``metrics.jsonl``) of an uninterrupted run.
 
 Stopping: SIGTERM/SIGINT set a flag; the loop finishes the current step, writes a
 checkpoint and returns ``status="interrupted"``. A non-finite loss stops the run before the
-update (``status="nan"``), leaving the last good checkpoint untouched.
+update (``status="nan"``), leaving the last good checkpoint untouched; a checkpoint is only
+written from finite parameters (else the run stops the same way). A resume is checked by
+:mod:`lsm_train.resume` before anything is built. Run folders and resume: ``docs/runs.md``.
 
 Data parallel (``trainer.strategy=ddp`` inside an initialized ``torch.distributed`` group of
 W > 1 processes): rank r trains on ``shard_indices(epoch order, r, W)`` (as
@@ -947,7 +949,7 @@ def _nan_message(trainer: Trainer, x: torch.Tensor) -> str:
     diverged model."""
     where = f"at step {trainer.step + 1} (epoch {trainer.epoch})"
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+        bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).sum())
         return (
             f"loss is not finite {where}: {bad} of {x.shape[0]} input samples of the batch "
             f"hold NaN or inf values. The data is bad (data.name="

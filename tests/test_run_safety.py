@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _wandb_offline import offline_run
+
 from lsm_train.app import SetupError, compose, train_from_config
 from lsm_train.checkpoint import load_checkpoint, save_checkpoint
 from lsm_train.tracking import read_metrics
