@@ -108,6 +108,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - zip, pickle, EOF and unpickler errors
+        if "Unsupported global" in str(err):  # a class the safe loader does not allow
+            raise CheckpointReadError(
+                f"the checkpoint {path} holds objects the safe loader refuses (written by an "
+                "earlier lsm_train, which kept the numpy RNG state as an array, or not by "
+                "lsm_train): if you trust the file, load it with torch.load(path, "
+                "weights_only=False) and save it again; or start anew with resume=false"
+            ) from err
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointReadError(
             f"the checkpoint {path} is unreadable ({path.stat().st_size} bytes; "

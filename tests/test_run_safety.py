@@ -355,6 +355,13 @@ def test_an_unreadable_checkpoint_is_named_with_a_hint(tmp_path):
             load_checkpoint(path)
     with pytest.raises(SetupError, match=r"truncated.*checkpoint\.pt is unreadable"):
         _run(tmp_path / "truncated", "resume=true")
+    import numpy as np
+
+    legacy = tmp_path / "legacy.pt"  # the numpy RNG state as an array, as before
+    torch.save({"model": {}, "rng": {"numpy": np.random.get_state()}}, legacy)
+    with pytest.raises(CheckpointReadError, match=r"legacy\.pt holds objects the safe loader "
+                                                  r"refuses.*weights_only=False"):
+        load_checkpoint(legacy)
 
 
 def test_the_checkpoint_loads_with_the_safe_loader(tmp_path):
