@@ -12,7 +12,10 @@ the config group ``recipe`` by :class:`RecipeConfigSource`, a Hydra config sourc
 package) and in an installed wheel (inside the package, see :func:`conf_dir`).
 
 Each run writes to Hydra's run folder: ``metrics.jsonl``, ``checkpoint.pt``,
-``summary.png``, ``wandb/`` (offline unless ``WANDB_MODE=online``) and ``.hydra/``.
+``summary.png``, ``wandb/`` (offline unless ``WANDB_MODE=online``) and ``.hydra/``; one
+process at a time (a file lock), ``resume`` continues exactly the run it names or refuses.
+Exit status: 0 completed, 1 diverged or a failed write, 2 bad setup, 3 replicas differ,
+128 + N stopped by signal N. Run folders, resume rules and messages: ``docs/runs.md``.
 
 Data parallel: ``torchrun --nproc_per_node=N -m lsm_train trainer=ddp ...``. :func:`main`
 creates the process group from torchrun's variables before Hydra starts and gives every
@@ -23,6 +26,7 @@ every rank checks that the parameters agree (exit status 3 and a message when no
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -186,7 +190,7 @@ def validate_config(cfg: DictConfig) -> None:
             errors.append(msg)
 
     def is_num(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
     mode = _num(cfg, "lsm.mode")
     need(mode in LSM_MODES, f"lsm.mode: expected one of {list(LSM_MODES)}, got {mode!r}")
@@ -262,7 +266,16 @@ def validate_config(cfg: DictConfig) -> None:
     need(ms is None or (isinstance(ms, int) and ms >= 1),
          f"trainer.max_steps: expected null or an integer >= 1, got {ms!r}")
     lr = _num(cfg, "optim.lr")
-    need(is_num(lr) and lr > 0, f"optim.lr: expected a number > 0, got {lr!r}")
+    need(is_num(lr) and lr > 0, f"optim.lr: expected a finite number > 0, got {lr!r}")
+    wd = _num(cfg, "optim.weight_decay")
+    need(wd is None or (is_num(wd) and wd >= 0),
+         f"optim.weight_decay: expected a finite number >= 0, got {wd!r}")
+    clip = _num(cfg, "trainer.grad_clip")
+    need(clip is None or (is_num(clip) and clip > 0),
+         f"trainer.grad_clip: expected null or a finite number > 0, got {clip!r}")
+    timeout = _num(cfg, "trainer.ddp.timeout_s")
+    need(timeout is None or (is_num(timeout) and timeout > 0),
+         f"trainer.ddp.timeout_s: expected a number of seconds > 0, got {timeout!r}")
     strategy = _num(cfg, "trainer.strategy")
     need(strategy in (None, "single", "ddp"),
          f"trainer.strategy: expected single or ddp (trainer=ddp), got {strategy!r}")
@@ -277,33 +290,6 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 # ---------------------------------------------------------------------------- running
-
-
-def _resume_dir(resume: Any, run_dir: Path) -> Path | None:
-    from lsm_train.trainer import CHECKPOINT_NAME
-
-    if resume in (None, False, "false", "False"):
-        return None
-    if resume in (True, "true", "True"):
-        if (run_dir / CHECKPOINT_NAME).is_file():
-            return run_dir
-        parent = run_dir.parent
-        found = sorted(
-            (p for p in parent.glob(f"*/{CHECKPOINT_NAME}") if p.parent != run_dir),
-            key=lambda p: p.stat().st_mtime,
-        )
-        if not found:
-            raise ValueError(
-                f"resume=true: no {CHECKPOINT_NAME} in {run_dir} nor in an earlier run under "
-                f"{parent}; pass resume=<run folder> or start anew with resume=false"
-            )
-        return found[-1].parent
-    p = Path(str(resume)).expanduser()
-    if p.is_file():
-        return p.parent
-    if (p / CHECKPOINT_NAME).is_file():
-        return p
-    raise ValueError(f"resume={resume}: no {CHECKPOINT_NAME} there; expected a run folder or file")
 
 
 def _wandb_settings(
@@ -356,7 +342,9 @@ def train_from_config(
     try:
         validate_config(cfg)
         if _num(cfg, "trainer.strategy") == "ddp":
-            created = dist_utils.init_from_env()
+            timeout = dist_utils.ddp_timeout_s(_num(cfg, "trainer.ddp.timeout_s"))
+            created = dist_utils.init_from_env(timeout_s=timeout)
+            dist_utils.set_timeout(timeout)  # a group torchrun's main() created before
     except (ValueError, RuntimeError) as err:
         raise SetupError(str(err)) from err
     try:
@@ -366,53 +354,50 @@ def train_from_config(
             dist_utils.destroy()
 
 
-def _resume_dir_agreed(resume: Any, run_dir: Path) -> Path | None:
-    """:func:`_resume_dir` decided by rank 0 and shared with every rank."""
-    from lsm_train import distributed as dist_utils
-
-    if not dist_utils.is_initialized():
-        return _resume_dir(resume, run_dir)
-    answer = ""
-    if dist_utils.is_main_process():
-        try:
-            found = _resume_dir(resume, run_dir)
-            answer = "" if found is None else "dir:" + str(found)
-        except ValueError as err:
-            answer = "err:" + str(err)
-    answer = dist_utils.broadcast_str(answer)
-    if answer.startswith("err:"):
-        raise ValueError(answer[4:])
-    return Path(answer[4:]) if answer else None
-
-
 def _train(
     cfg: DictConfig, run_dir: Path, recipe: str, sweep: str | None, model_factory: Any
 ) -> Any:
     from lsm_train import distributed as dist_utils
-    from lsm_train.checkpoint import load_checkpoint
-    from lsm_train.plots import plot_run, summary_table
-    from lsm_train.tracking import Tracker
-    from lsm_train.trainer import CHECKPOINT_NAME, NullTracker, Trainer
+    from lsm_train.runfolder import claim_run
 
     main_rank = dist_utils.is_main_process()
     try:
-        work = _resume_dir_agreed(cfg.get("resume"), run_dir)
-        ckpt = None
-        if work is not None:
-            ckpt = work / CHECKPOINT_NAME
-            if work != run_dir and main_rank:
-                print(f"lsm-train: resuming the run in {work}", file=sys.stderr)
-        else:
-            work = run_dir
+        ckpt, lock = claim_run(cfg.get("resume"), run_dir)
+    except ValueError as err:
+        raise SetupError(str(err)) from err
+    try:
+        work = run_dir if ckpt is None else ckpt.parent
+        if main_rank:
+            note = "" if ckpt is None else f" (resuming from {ckpt})"
+            print(f"lsm-train: run folder: {work}{note}", file=sys.stderr)
+        return _train_locked(cfg, work, ckpt, recipe, sweep, model_factory)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(
+    cfg: DictConfig, work: Path, ckpt: Path | None, recipe: str, sweep: str | None,
+    model_factory: Any,
+) -> Any:
+    from lsm_train import distributed as dist_utils
+    from lsm_train.plots import plot_run, summary_table
+    from lsm_train.runfolder import exit_status
+    from lsm_train.tracking import Tracker
+    from lsm_train.trainer import NullTracker, Trainer
+
+    main_rank = dist_utils.is_main_process()
+    try:
         trainer = Trainer(cfg, work, resume_from=ckpt, model_factory=model_factory)
     except SetupError:
         raise
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         # everything before the first step: data, model options, layers, optimizer, resume
         raise SetupError(str(err)) from err
-    resume_id = None
-    if ckpt is not None and main_rank:
-        resume_id = load_checkpoint(ckpt).get("wandb_id")
+    resume_id = trainer.resume_wandb_id if ckpt is not None else None
+    if ckpt is not None and main_rank and trainer.resume_applied:
+        print("lsm-train: applied at resume: " + ", ".join(trainer.resume_applied),
+              file=sys.stderr)
     tracker: Any = NullTracker()
     if main_rank:  # DDP: rank 0 alone logs, plots and writes checkpoints
         tracker = Tracker(
@@ -429,7 +414,7 @@ def _train(
             try:
                 spread = trainer.check_replicas()
             except dist_utils.ParameterMismatchError:
-                result.status = "replicas_differ"  # wandb run closed with exit code 1
+                result.status = "replicas_differ"  # wandb run closed with exit code 3
                 raise
             if trainer.ddp:
                 tracker.summary({"ddp/param_checksum_spread": spread,
@@ -443,43 +428,59 @@ def _train(
             except Exception as err:  # noqa: BLE001 - plotting never fails a run
                 warnings.warn(f"summary plot failed: {err}", RuntimeWarning, stacklevel=2)
         tracker.summary({k: v for k, v in result.final.items() if not k.startswith("time/")})
+        tracker.summary({"run/status": result.status})
         print(summary_table(work / "metrics.jsonl", result), file=sys.stderr)
         if result.message:
             print(f"lsm-train: {result.message}", file=sys.stderr)
     finally:
-        tracker.close(exit_code=0 if result is not None and result.status == "completed" else 1)
+        tracker.close(exit_code=exit_status(result))
     return result
+
+
+class RunFailedError(RuntimeError):
+    """A job of a multirun diverged (raised so that Hydra counts it as failed)."""
 
 
 def _hydra_task(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from lsm_train.checkpoint import CheckpointWriteError
     from lsm_train.distributed import ParameterMismatchError
+    from lsm_train.runfolder import exit_status, remove_if_only_hydra_files
+    from lsm_train.tracking import MetricsWriteError
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     recipe = hc.runtime.choices.get("recipe") or "custom"
     multirun = hc.mode == RunMode.MULTIRUN
     sweep = Path(hc.sweep.dir).name if multirun else None
+
+    def fail(err: BaseException, status: int) -> None:
+        print(f"lsm-train: error: {err}", file=sys.stderr)
+        if multirun:
+            raise err
+        sys.exit(status)
+
     try:
         result = train_from_config(cfg, run_dir, recipe=recipe, sweep=sweep)
     except SetupError as err:
-        print(f"lsm-train: error: {err}", file=sys.stderr)
-        if multirun:
-            raise
-        sys.exit(2)
+        remove_if_only_hydra_files(run_dir)
+        fail(err, 2)
     except ParameterMismatchError as err:
-        print(f"lsm-train: error: {err}", file=sys.stderr)
-        if multirun:
-            raise
-        sys.exit(3)
+        fail(err, 3)
+    except (CheckpointWriteError, MetricsWriteError) as err:
+        fail(err, 1)
     if result.status == "interrupted":
-        sys.exit(128 + int(result.signum or 15))  # the shell convention for "stopped by signal"
+        sys.exit(exit_status(result))  # the shell convention for "stopped by signal"
     if result.status == "nan":
         if not multirun:
             sys.exit(1)
-        return float("nan")
+        # an optimizing sweeper (optuna) records NaN as a failed trial and goes on; for a
+        # grid sweep the job fails, so the multirun exits 1
+        if "optuna" in str(OmegaConf.select(hc, "sweeper._target_", default="")).lower():
+            return float("nan")
+        raise RunFailedError(f"{run_dir}: {result.message}")
     acc = result.final.get("val/acc")
     return None if acc is None else float(acc)
 
@@ -500,6 +501,7 @@ def _share_run_dir(argv: list[str]) -> None:
     if not any(a.startswith(("hydra.run.dir=", "++hydra.run.dir=")) for a in argv[1:]):
         argv.append(f"hydra.run.dir=outputs/${{hydra:runtime.choices.recipe}}/{stamp}")
     if not dist_utils.is_main_process():
+        argv[:] = [a for a in argv if not a.startswith("hydra.output_subdir=")]
         argv.append("hydra.output_subdir=null")
 
 
@@ -512,14 +514,22 @@ def main() -> None:
     register_sources()
     created = False
     torchrun = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
-    if torchrun and any(a in ("-m", "--multirun") for a in sys.argv[1:]):
+    multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])
+    if torchrun and multirun:
         print("lsm-train: error: a multirun cannot run under torchrun (every rank would start "
               "its own sweep); sweep with a launcher, e.g. hydra/launcher=slurm_ddp "
               "trainer=ddp, or run torchrun once per configuration", file=sys.stderr)
         sys.exit(2)
-    if torchrun and not any(
-        a in ("-h", "--help", "--hydra-help", "-c", "--cfg") for a in sys.argv[1:]
-    ):
+    info_only = any(a in ("-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info")
+                    for a in sys.argv[1:])
+    if not info_only:
+        from lsm_train.cli_args import check_recipes, check_writable, resume_args
+
+        check_recipes(sys.argv)
+        if not multirun:
+            resume_args(sys.argv, RUN_STAMP_FORMAT)
+        check_writable(sys.argv, multirun)
+    if torchrun and not info_only:
         created = dist_utils.init_from_env()  # torchrun: one process group for the run
         _share_run_dir(sys.argv)
     try:

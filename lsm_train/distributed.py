@@ -6,6 +6,10 @@
   ``SLURM_LOCALID``; backend ``gloo`` on CPU, ``cpu:gloo,cuda:nccl`` when CUDA is available.
 * :func:`rank`, :func:`world_size`, :func:`is_main_process` work with or without a group
   (one process: rank 0 of 1).
+* Collective timeout: a rank that stalls makes the others fail after
+  ``trainer.ddp.timeout_s`` seconds (:func:`ddp_timeout_s`, default
+  :data:`DEFAULT_TIMEOUT_S`) instead of torch's 30 minutes; :func:`set_timeout` applies it
+  to a group created before the config was known (torchrun, see ``docs/runs.md``).
 * :func:`shard_indices`: rank ``r``'s part of an epoch order, the same samples and batches
   as ``DistributedSampler(drop_last=True)`` + a per-rank ``batch_size``.
 * :func:`all_gather_cat`: concatenation over ranks of tensors whose first dimension may
@@ -31,6 +35,9 @@ from lsm_train.capture import unwrap_model as unwrap  # the module inside DDP / 
 
 __all__ = [
     "ParameterMismatchError",
+    "DEFAULT_TIMEOUT_S",
+    "ddp_timeout_s",
+    "set_timeout",
     "env_world_size",
     "init_from_env",
     "is_initialized",
@@ -52,6 +59,31 @@ __all__ = [
 
 class ParameterMismatchError(RuntimeError):
     """Model parameters differ across ranks (DDP replicas went out of sync)."""
+
+
+DEFAULT_TIMEOUT_S = 600.0  # well above a checkpoint write or a rank-0 monitor pass
+
+
+def ddp_timeout_s(configured: Any = None) -> float:
+    """The collective timeout in seconds: ``configured`` (``trainer.ddp.timeout_s``), or
+    :data:`DEFAULT_TIMEOUT_S` when None. ValueError unless a finite number > 0."""
+    if configured is None:
+        return DEFAULT_TIMEOUT_S
+    ok = isinstance(configured, (int, float)) and not isinstance(configured, bool)
+    if not ok or not 0 < configured < float("inf"):
+        raise ValueError(
+            f"trainer.ddp.timeout_s: expected a number of seconds > 0, got {configured!r}"
+        )
+    return float(configured)
+
+
+def set_timeout(seconds: float) -> None:
+    """Set the timeout of the default group's collectives (gloo and NCCL)."""
+    if not is_initialized():
+        return
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    _set_pg_timeout(datetime.timedelta(seconds=float(seconds)))
 
 
 def _dist() -> Any:
@@ -122,12 +154,13 @@ def default_backend() -> str:
     return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool:
+def init_from_env(backend: str | None = None, timeout_s: float | None = None) -> bool:
     """Create the default process group from the launcher's environment (idempotent).
 
     Returns True when this call created the group (the caller should destroy it at the
     end), False when it already existed or the process runs alone (world size 1).
-    With CUDA, the current device becomes ``cuda:LOCAL_RANK``.
+    With CUDA, the current device becomes ``cuda:LOCAL_RANK``. ``timeout_s``: the
+    collective timeout, :func:`ddp_timeout_s` when None.
     """
     if is_initialized():
         return False
@@ -143,7 +176,7 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool
     dist.init_process_group(
         backend=backend or default_backend(),
         init_method="env://",
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=datetime.timedelta(seconds=ddp_timeout_s(timeout_s)),
     )
     return True
 

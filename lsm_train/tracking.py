@@ -4,22 +4,35 @@
 ``{"step": 40, "epoch": 1, "train/loss": 0.31, "train/acc": 0.93, "val/acc": 0.91,
 "lsm/fc1": 0.97, "val_lsm/fc1": 0.95, "guard/accept_rate": 0.9}``. It is written with a
 flush per line, so it survives a crash, and on resume the lines past the checkpoint's step
-are dropped so the file ends exactly as an uninterrupted run's would.
+are dropped so the file ends exactly as an uninterrupted run's would. That rewrite is
+atomic (a temporary file moved over the old one), and a truncated last line (what a kill
+or a full disk leaves) is dropped with a warning, by the rewrite and by
+:func:`read_metrics`. A failed write raises :class:`MetricsWriteError`.
+See ``docs/runs.md``.
 
 wandb is failure-tolerant: any exception from ``wandb.init``, ``log`` or ``finish`` is
-turned into one warning and training goes on (the local file is unaffected).
+turned into one warning and training goes on (the local file is unaffected). A wandb log
+file that cannot be written (a full disk) gives one warning and is dropped, instead of a
+logging traceback per record.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Tracker", "read_metrics"]
+__all__ = ["Tracker", "read_metrics", "MetricsWriteError"]
+
+
+class MetricsWriteError(OSError):
+    """``metrics.jsonl`` could not be written (disk full, file-size limit, permissions)."""
 
 
 def _jsonable(v: Any) -> Any:
@@ -32,11 +45,30 @@ def _jsonable(v: Any) -> Any:
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All records of a ``metrics.jsonl`` file (or of ``<run dir>/metrics.jsonl``)."""
+    """A broken last line (a write cut short) is dropped with a warning; a broken line
+    before it raises ValueError naming the file and the line."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for k, (lineno, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if k + 1 < len(lines):
+                raise ValueError(
+                    f"{path}, line {lineno}: not a JSON record ({err}); only the last line "
+                    "may be broken (a write cut short), this file is damaged"
+                ) from err
+            warnings.warn(
+                f"{path}: dropped the broken last line {lineno} ({len(line)} characters, "
+                "a write cut short by a kill or a full disk)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return records
 
 
 class Tracker:
@@ -73,9 +105,21 @@ class Tracker:
         if not self.path.exists():
             return
         keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        with open(self.path, "w", encoding="utf-8") as f:
-            for r in keep:
-                f.write(json.dumps(r) + "\n")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for r in keep:
+                    f.write(json.dumps(r) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise MetricsWriteError(
+                err.errno,
+                f"could not rewrite {self.path} for the resume ({err.strerror or err}; a "
+                "full disk or a file-size limit?); the file is unchanged",
+            ) from err
 
     # ---------------------------------------------------------------------- wandb
     def _warn(self, what: str, err: BaseException) -> None:
@@ -94,24 +138,51 @@ class Tracker:
             import wandb
 
             wandb_dir = self.run_dir  # wandb writes <run_dir>/wandb/<offline-run-...>
-            self.run = wandb.init(
-                project=cfg.get("project") or "lsm_train",
-                entity=cfg.get("entity"),
-                mode=cfg.get("mode") or "offline",
-                group=cfg.get("group"),
-                job_type=cfg.get("job_type"),
-                tags=list(cfg.get("tags") or []),
-                name=cfg.get("name"),
-                id=cfg.get("id"),
-                resume="allow" if cfg.get("id") else None,
-                dir=str(wandb_dir),
-                config=cfg.get("config"),
-            )
+            # logging's switch for "do not print a handler's write errors": wandb.init logs
+            # to a file in the run folder, which fails record by record on a full disk
+            raise_exceptions, logging.raiseExceptions = logging.raiseExceptions, False
+            try:
+                self.run = self._start_wandb(wandb, cfg, wandb_dir)
+            finally:
+                logging.raiseExceptions = raise_exceptions
+            self._guard_log_files()
             self.run.define_metric("step")
             self.run.define_metric("*", step_metric="step")
         except Exception as err:  # noqa: BLE001 - a logger must never stop training
             self.run = None
             self._warn("init", err)
+
+    def _guard_log_files(self) -> None:
+        """On the first write error of a file handler of wandb's logger: one warning, then
+        the handler is removed (each traceback logging printed would reach wandb's console
+        capture and be logged again)."""
+        logger = logging.getLogger("wandb")
+        for handler in list(logger.handlers):
+            if not isinstance(handler, logging.FileHandler):
+                continue
+
+            def handle_error(record: logging.LogRecord, handler: Any = handler) -> None:
+                logger.removeHandler(handler)
+                err = sys.exc_info()[1] or OSError("write failed")
+                self._warn(f"log file {handler.baseFilename}", err)
+
+            handler.handleError = handle_error  # type: ignore[method-assign]
+
+    @staticmethod
+    def _start_wandb(wandb: Any, cfg: dict[str, Any], wandb_dir: Path) -> Any:
+        return wandb.init(
+            project=cfg.get("project") or "lsm_train",
+            entity=cfg.get("entity"),
+            mode=cfg.get("mode") or "offline",
+            group=cfg.get("group"),
+            job_type=cfg.get("job_type"),
+            tags=list(cfg.get("tags") or []),
+            name=cfg.get("name"),
+            id=cfg.get("id"),
+            resume="allow" if cfg.get("id") else None,
+            dir=str(wandb_dir),
+            config=cfg.get("config"),
+        )
 
     @property
     def wandb_id(self) -> str | None:
@@ -121,8 +192,15 @@ class Tracker:
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         record = {"step": int(step)}
         record.update({k: _jsonable(v) for k, v in metrics.items() if k != "step"})
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as err:
+            raise MetricsWriteError(
+                err.errno,
+                f"could not write {self.path} at step {step} ({err.strerror or err}; a full "
+                "disk or a file-size limit?)",
+            ) from err
         if self.run is not None:
             try:
                 self.run.log(record)
@@ -153,7 +231,10 @@ class Tracker:
 
     def close(self, exit_code: int = 0) -> None:
         if not self._file.closed:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:  # a failed write was reported by log() already
+                pass
         if self.run is not None:
             try:
                 self.run.finish(exit_code=exit_code)

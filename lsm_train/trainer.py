@@ -19,7 +19,9 @@ exactly the state (and ``metrics.jsonl``) of an uninterrupted run.
 
 Stopping: SIGTERM/SIGINT set a flag; the loop finishes the current step, writes a
 checkpoint and returns ``status="interrupted"``. A non-finite loss stops the run before the
-update (``status="nan"``), leaving the last good checkpoint untouched.
+update (``status="nan"``), leaving the last good checkpoint untouched; a checkpoint is only
+written from finite parameters (else the run stops the same way). A resume is checked by
+:mod:`lsm_train.resume` before anything is built. Run folders and resume: ``docs/runs.md``.
 
 Data parallel (``trainer.strategy=ddp`` inside an initialized ``torch.distributed`` group of
 W > 1 processes): rank r trains on ``shard_indices(epoch order, r, W)`` (as
@@ -410,6 +412,16 @@ class Trainer:
         threads = _get(tcfg, "num_threads", None)
         if threads:
             torch.set_num_threads(int(threads))
+        resume_state, resume_applied = None, []
+        self.resume_wandb_id: str | None = None  # the wandb run of the checkpoint
+        if resume_from is not None:  # refused before the data and the model are built
+            from lsm_train.resume import check_resume
+
+            resume_state = load_checkpoint(resume_from, map_location=self.device)
+            resume_applied = check_resume(
+                resume_state, _plain(cfg), self.world_size, Path(resume_from)
+            )
+            self.resume_wandb_id = resume_state.get("wandb_id")
         seed_everything(self.seed)
 
         # data ------------------------------------------------------------------
@@ -504,24 +516,35 @@ class Trainer:
         self._layouts: dict[str, Any] = {}  # fisher layouts of the probe and test labels
 
         # optimizer, guard, loss, scheduler -------------------------------------------
-        self.optimizer = self._build_optimizer(_get(cfg, "optim", {}))
+        from lsm_train.config_errors import build_section  # errors name the full key
+
+        self.optimizer = build_section("optim", self._build_optimizer, _get(cfg, "optim", {}))
         self.reg = None
         self.guard = None
         if self.mode in ("loss", "both"):
-            self.reg = self._build_loss(_get(lcfg, "loss", {}))
+            self.reg = build_section("lsm.loss", self._build_loss, _get(lcfg, "loss", {}))
         step_opt: torch.optim.Optimizer = self.optimizer
         if self.mode in ("guard", "both"):
-            self.guard = self._build_guard(_get(lcfg, "guard", {}))
+            self.guard = build_section("lsm.guard", self._build_guard, _get(lcfg, "guard", {}))
             step_opt = self.guard
         self.step_optimizer = step_opt
         # the schedule drives the inner optimizer: the guard shares its param_groups
         self.scheduler = build_scheduler(self.optimizer, _get(cfg, "sched", {}), self.total_steps)
         self.grad_clip = _get(tcfg, "grad_clip", None)
+        if self.grad_clip is not None and not (
+            isinstance(self.grad_clip, (int, float)) and 0 < self.grad_clip < math.inf
+        ):
+            raise ValueError(
+                f"trainer.grad_clip: expected null or a finite number > 0, got {self.grad_clip!r}"
+            )
 
         self.tracker = tracker
         self._own_tracker = tracker is None
         self.progress = bool(_get(tcfg, "progress", True))
         self.checkpointing = bool(_get(tcfg, "checkpoint", True))
+        self._saved_step: int | None = None  # the step of the checkpoint this run wrote/read
+        self.params_finite = True  # False once save() found non-finite parameters
+        self.resume_applied: list[str] = resume_applied  # keys whose new values a resume took
 
         # state --------------------------------------------------------------------
         self.step = 0
@@ -536,8 +559,9 @@ class Trainer:
         self.pretrain_log: dict[str, float] = {}
         if resume_from is None:
             self._pretrain(_get(tcfg, "pretrain", None))
-        if resume_from is not None:
-            self._restore(load_checkpoint(resume_from, map_location=self.device))
+        if resume_state is not None:
+            self._restore(resume_state)
+            self._saved_step = self.step
 
     # ------------------------------------------------------------------ builders
     def _build_optimizer(self, ocfg: Any) -> torch.optim.Optimizer:
@@ -624,6 +648,7 @@ class Trainer:
             "last": dict(self.last),
             "rng": rng_state(),
             "config": _plain(self.cfg),
+            "world_size": self.world_size,
         }
         if self.tracker is not None and self.tracker.wandb_id:
             state["wandb_id"] = self.tracker.wandb_id
@@ -648,8 +673,19 @@ class Trainer:
         set_rng_state(state["rng"])
 
     def save(self) -> Path | None:
-        """Write the checkpoint (rank 0 only; under DDP every rank must call it)."""
+        """Write the checkpoint (rank 0 only; under DDP every rank must call it).
+
+        Only finite parameters and buffers are written: otherwise nothing is written,
+        :attr:`params_finite` becomes False and None is returned (the replicas hold the
+        same values, so every rank decides alike)."""
         if not self.checkpointing:
+            return None
+        self.params_finite = all(
+            bool(torch.isfinite(v).all())
+            for v in self.module.state_dict().values()
+            if torch.is_tensor(v) and v.is_floating_point()
+        )
+        if not self.params_finite:
             return None
         sums = self._reduced_sums() if self.ddp else None
         if not self.is_main:
@@ -657,7 +693,17 @@ class Trainer:
         state = self.state_dict()
         if sums is not None:
             state["acc_sums"] = sums
-        return save_checkpoint(self.ckpt_path, state)
+        path = save_checkpoint(self.ckpt_path, state)
+        self._saved_step = self.step
+        return path
+
+    def _checkpoint_note(self) -> str:
+        """Where the last good checkpoint of this run is, for a stop message."""
+        if not self.checkpointing:
+            return "No checkpoint is written (trainer.checkpoint=false)."
+        if self._saved_step is None:
+            return "No checkpoint was written yet."
+        return f"Last good checkpoint: {self.ckpt_path} (step {self._saved_step})."
 
     def _reduced_sums(self) -> dict[str, Any]:
         s = self.acc_sums
@@ -856,6 +902,7 @@ class Trainer:
         return due
 
     def fit(self) -> TrainResult:
+        self._own_tracker = self.tracker is None  # a tracker given to us is closed by its owner
         if self.tracker is None:
             if self.is_main:
                 self.tracker = Tracker(self.run_dir, resume_step=self.step if self.step else None)
@@ -899,16 +946,7 @@ class Trainer:
                         out = self._train_step(x, y, stop.signum is not None)
                         if out is None:
                             status = "nan"
-                            message = (
-                                f"loss is not finite at step {self.step + 1} (epoch {self.epoch});"
-                                " stopped without updating. "
-                                + (
-                                    f"Last good checkpoint: {self.ckpt_path}"
-                                    if self.ckpt_path.exists()
-                                    else "No checkpoint was written yet."
-                                )
-                                + " Try a smaller optim.lr or lsm.loss.weight."
-                            )
+                            message = _nan_message(self, x) + " " + self._checkpoint_note()
                             break
                         loss_val, logits = out
                         self.step += 1
@@ -928,6 +966,10 @@ class Trainer:
                             # lsm=off: val loss/acc at epoch ends (monitor() without layers)
                             self._log(self.monitor() if mon or not self.monitor_on else None)
                             self.save()
+                            if not self.params_finite:
+                                status = "nan"
+                                message = _blown_up_message(self)
+                                break
                         elif mon:
                             self._log(self.monitor())
                         elif self.step % self.log_every == 0:
@@ -947,12 +989,21 @@ class Trainer:
                         status = "interrupted"
                         signum = stop.signum or signal.SIGTERM  # DDP: another rank's signal
                         name = signal.Signals(signum).name
-                        self.save()
-                        message = (
-                            f"{name} received at step {self.step}: checkpoint written to "
-                            f"{self.ckpt_path}; continue with resume=true "
-                            f"hydra.run.dir={self.run_dir}"
-                        )
+                        written = self.save()
+                        if written is not None:
+                            message = (
+                                f"{name} received at step {self.step}: checkpoint written to "
+                                f"{written}; continue with resume=true "
+                                f"hydra.run.dir={self.run_dir}"
+                            )
+                        elif not self.params_finite:
+                            status = "nan"
+                            message = f"{name} received; " + _blown_up_message(self)
+                        else:
+                            message = (
+                                f"{name} received at step {self.step}: stopped. "
+                                + self._checkpoint_note()
+                            )
         finally:
             if bar is not None:
                 bar.close()
@@ -967,6 +1018,32 @@ class Trainer:
             message=message,
             signum=signum,
         )
+
+
+def _nan_message(trainer: Trainer, x: torch.Tensor) -> str:
+    """Why the loss of the step after ``trainer.step`` is not finite: bad input data or a
+    diverged model."""
+    where = f"at step {trainer.step + 1} (epoch {trainer.epoch})"
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).sum())
+        return (
+            f"loss is not finite {where}: {bad} of {x.shape[0]} input samples of the batch "
+            f"hold NaN or inf values. The data is bad (data.name="
+            f"{_get(_get(trainer.cfg, 'data', {}), 'name', '?')}), not the learning rate: "
+            "clean or filter it; stopped without updating."
+        )
+    return (
+        f"loss is not finite {where}; stopped without updating. Try a smaller optim.lr or "
+        "lsm.loss.weight, or trainer.grad_clip."
+    )
+
+
+def _blown_up_message(trainer: Trainer) -> str:
+    return (
+        f"the parameters are not finite after step {trainer.step} (the update diverged); "
+        "no checkpoint was written from them. " + trainer._checkpoint_note()
+        + " Try a smaller optim.lr or trainer.grad_clip."
+    )
 
 
 def _guard_stats(guard: Any) -> dict[str, float]:

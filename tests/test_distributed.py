@@ -342,3 +342,50 @@ def test_torchrun_two_processes_debug_smoke(tmp_path):
     records = read_metrics(run)
     assert records[-1]["step"] == 2  # 128 samples / 2 ranks / 32 per batch
     assert proc.stderr.count("step=2  epoch=1") == 1  # the summary: rank 0 only
+
+
+# ------------------------------------------------------------------ collective timeout
+
+
+def _stalled_peer(rank: int, port: int, timeout_s: float, out_dir: str) -> None:
+    """Rank 1 stalls before a collective; rank 0 must fail after ``timeout_s``."""
+    import time
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    D.init_from_env()  # the default timeout, as main() does under torchrun
+    D.set_timeout(D.ddp_timeout_s(timeout_s))  # then the configured one (train_from_config)
+    out = Path(out_dir)
+    if rank == 1:  # stalled: reaches no collective until rank 0 gave up (or 120 s passed)
+        for _ in range(2400):
+            if (out / "rank0.txt").exists():
+                os._exit(0)
+            time.sleep(0.05)
+        (out / "rank1_gave_up").touch()
+        os._exit(0)
+    try:
+        D.all_reduce_sum([1.0])
+        result = "no error"
+    except RuntimeError as err:
+        result = f"{type(err).__name__}: {err}"
+    stalled = not (out / "rank1_gave_up").exists()
+    (out / "rank0.txt").write_text(f"{stalled}\n{result}")
+    os._exit(0)
+
+
+def test_a_stalled_rank_fails_its_peer_after_the_configured_timeout(tmp_path):
+    import socket
+
+    cfg = compose(["trainer=ddp", "trainer.ddp.timeout_s=2"])
+    assert compose(["trainer=ddp"]).trainer.ddp.timeout_s == D.DEFAULT_TIMEOUT_S == 600
+    with pytest.raises(ValueError, match=r"trainer\.ddp\.timeout_s: expected a number"):
+        D.ddp_timeout_s(0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_stalled_peer, args=(port, cfg.trainer.ddp.timeout_s, str(tmp_path)),
+             nprocs=WORLD, join=True)
+    stalled, result = (tmp_path / "rank0.txt").read_text().split("\n", 1)
+    assert stalled == "True", result  # rank 0 gave up while rank 1 was still stalled
+    assert "timed out" in result.lower() or "timeout" in result.lower(), result
