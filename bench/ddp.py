@@ -32,7 +32,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lsm_train.distributed import all_gather_cat  # noqa: E402
-from lsm_train.surrogate import soft_md_lsm  # noqa: E402
+from lsm_train.measures.soft import soft_md_lsm  # noqa: E402
 
 
 def _median_ms(fn, reps: int) -> float:

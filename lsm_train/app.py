@@ -381,7 +381,7 @@ def _train_locked(
     model_factory: Any,
 ) -> Any:
     from lsm_train import distributed as dist_utils
-    from lsm_train.plots import plot_run, summary_table
+    from lsm_train.plots import summary_png, summary_text
     from lsm_train.runfolder import exit_status
     from lsm_train.tracking import Tracker
     from lsm_train.trainer import NullTracker, Trainer
@@ -423,13 +423,13 @@ def _train_locked(
             return result
         if _num(cfg, "trainer.plots") is not False:
             try:
-                png = plot_run(work / "metrics.jsonl", work / "summary.png", title=recipe)
+                png = summary_png(work / "metrics.jsonl", work / "summary.png", title=recipe)
                 tracker.log_image("plots/summary", png)
             except Exception as err:  # noqa: BLE001 - plotting never fails a run
                 warnings.warn(f"summary plot failed: {err}", RuntimeWarning, stacklevel=2)
         tracker.summary({k: v for k, v in result.final.items() if not k.startswith("time/")})
         tracker.summary({"run/status": result.status})
-        print(summary_table(work / "metrics.jsonl", result), file=sys.stderr)
+        print(summary_text(work / "metrics.jsonl", result), file=sys.stderr)
         if result.message:
             print(f"lsm-train: {result.message}", file=sys.stderr)
     finally:

@@ -17,7 +17,7 @@ from typing import Any
 
 from lsm_train import runlog
 
-__all__ = ["series", "draw_layers", "summary_png", "summary_text", "plot_run", "summary_table"]
+__all__ = ["series", "draw_layers", "summary_png", "summary_text"]
 
 
 def series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -121,8 +121,3 @@ def summary_text(metrics: str | Path, result: Any = None) -> str:
         facts.append(("status", result.status))
     lines.append("  ".join(f"{k}={_fmt(v)}" for k, v in facts))
     return "\n".join(lines)
-
-
-# The names app.py imports today; app.py switches to summary_png / summary_text at merge.
-plot_run = summary_png
-summary_table = summary_text

@@ -39,6 +39,7 @@ from torch.nn import functional as F
 
 from lsm_train._validation import check_labels
 from lsm_train.capture import HiddenCapture, resolve_layers, unwrap_model
+from lsm_train.measures.soft import soft_md_lsm
 
 __all__ = [
     "Probe",
@@ -175,8 +176,6 @@ def jackknife_groups(labels: torch.Tensor, groups: int) -> list[torch.Tensor]:
 
 def _layer_measure(measure: Any, tau: float) -> Callable[[torch.Tensor, torch.Tensor], Any]:
     if measure == "soft":
-        from lsm_train.surrogate import soft_md_lsm
-
         return lambda H, y: soft_md_lsm(H, y, tau=tau)
     if measure == "degree":
         from lsm_train.measures.layer import layer_separability

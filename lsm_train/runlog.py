@@ -27,7 +27,7 @@ __all__ = [
     "AGGREGATES", "LSM_MEAN", "VAL_LSM_MEAN", "GUARD_ACCEPT_RATE", "GUARD_ACCEPTED",
     "GUARD_REJECTED", "GUARD_CHECKS", "TIME_ELAPSED", "TIME_TRAIN", "TIME_MONITOR",
     "SCALARS", "PREFIXES", "is_schema_key", "layer_key", "layer_of", "layer_names", "to_float",
-    "to_record", "encode_record", "read_metrics",
+    "json_value", "to_record", "encode_record", "read_metrics",
 ]
 
 METRICS_FILE = "metrics.jsonl"
@@ -115,7 +115,9 @@ def to_float(value: Any) -> float:
     return math.nan
 
 
-def _jsonable(value: Any) -> Any:
+def json_value(value: Any) -> Any:
+    """A logged value as a JSON value: tensors and numpy scalars as numbers, NaN as
+    ``None``, ±inf as ±1e308."""
     if hasattr(value, "item"):  # 0-dim tensors and numpy scalars
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -127,7 +129,7 @@ def to_record(metrics: Mapping[str, Any], step: int) -> dict[str, Any]:
     """The record of one logged step: ``step`` first, then ``metrics`` as JSON values
     (tensors and numpy scalars as numbers, NaN as ``None``, ±inf as ±1e308)."""
     record: dict[str, Any] = {STEP: int(step)}
-    record.update({k: _jsonable(v) for k, v in metrics.items() if k != STEP})
+    record.update({k: json_value(v) for k, v in metrics.items() if k != STEP})
     return record
 
 
@@ -136,11 +138,13 @@ def encode_record(metrics: Mapping[str, Any], step: int) -> str:
     return json.dumps(to_record(metrics, step)) + "\n"
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_metrics(path: str | os.PathLike, *, strict: bool = False) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` file, or of ``<run folder>/metrics.jsonl``.
 
-    Blank lines are ignored; a line that is not a JSON object is dropped with a
-    ``UserWarning`` naming the line (the last line of a killed run is reported as truncated).
+    Blank lines are ignored; a broken last line (a write cut short by a kill or a full
+    disk) is dropped with a ``UserWarning``. Any other line that is not a JSON object is
+    dropped with a warning naming it, or, with ``strict=True`` (what a resume uses: the
+    file is damaged, not cut short), raises ``ValueError`` naming the file and the line.
     """
     path = Path(path)
     if path.is_dir():
@@ -152,12 +156,23 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     for i, line in numbered:
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError:
-            what = "truncated last line (killed run?)" if i == last else "malformed line"
-            warnings.warn(f"{path}: skipped {what} (line {i})", UserWarning, stacklevel=2)
+        except json.JSONDecodeError as err:
+            if i == last:
+                warnings.warn(f"{path}: skipped truncated last line (killed run?) (line {i})",
+                              UserWarning, stacklevel=2)
+                continue
+            if strict:
+                raise ValueError(
+                    f"{path}, line {i}: not a JSON record ({err}); only the last line may be "
+                    "broken (a write cut short), this file is damaged"
+                ) from err
+            warnings.warn(f"{path}: skipped malformed line (line {i})", UserWarning,
+                          stacklevel=2)
             continue
         if isinstance(obj, dict):
             records.append(obj)
+        elif strict:
+            raise ValueError(f"{path}, line {i}: not a JSON object")
         else:
             warnings.warn(f"{path}: skipped line {i}: not a JSON object", UserWarning,
                           stacklevel=2)

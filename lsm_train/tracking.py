@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import warnings
@@ -28,47 +27,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lsm_train.runlog import METRICS_FILE, json_value, read_metrics, to_record
+
 __all__ = ["Tracker", "read_metrics", "MetricsWriteError"]
 
 
 class MetricsWriteError(OSError):
     """``metrics.jsonl`` could not be written (disk full, file-size limit, permissions)."""
-
-
-def _jsonable(v: Any) -> Any:
-    if hasattr(v, "item"):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else (1e308 if v > 0 else -1e308)
-    return v
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a ``metrics.jsonl`` file (or of ``<run dir>/metrics.jsonl``)."""
-    """A broken last line (a write cut short) is dropped with a warning; a broken line
-    before it raises ValueError naming the file and the line."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
-    records = []
-    for k, (lineno, line) in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if k + 1 < len(lines):
-                raise ValueError(
-                    f"{path}, line {lineno}: not a JSON record ({err}); only the last line "
-                    "may be broken (a write cut short), this file is damaged"
-                ) from err
-            warnings.warn(
-                f"{path}: dropped the broken last line {lineno} ({len(line)} characters, "
-                "a write cut short by a kill or a full disk)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    return records
 
 
 class Tracker:
@@ -88,7 +53,7 @@ class Tracker:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.run_dir / "metrics.jsonl"
+        self.path = self.run_dir / METRICS_FILE
         if resume_step is not None:
             self._truncate_after(resume_step)
         elif self.path.exists():
@@ -104,12 +69,12 @@ class Tracker:
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        keep = [r for r in read_metrics(self.path, strict=True) if r.get("step", 0) <= step]
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             with open(tmp, "w", encoding="utf-8") as f:
                 for r in keep:
-                    f.write(json.dumps(r) + "\n")
+                    f.write(json.dumps(r) + "\n")  # records as read: already JSON values
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
@@ -190,8 +155,7 @@ class Tracker:
 
     # ---------------------------------------------------------------------- API
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        record = {"step": int(step)}
-        record.update({k: _jsonable(v) for k, v in metrics.items() if k != "step"})
+        record = to_record(metrics, step)
         try:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
@@ -225,7 +189,7 @@ class Tracker:
             return
         try:
             for k, v in values.items():
-                self.run.summary[k] = _jsonable(v)
+                self.run.summary[k] = json_value(v)
         except Exception as err:  # noqa: BLE001
             self._warn("summary", err)
 

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from lsm_train import distributed as D
 from lsm_train.app import compose
 from lsm_train.loss import LSMLoss
-from lsm_train.surrogate import soft_md_lsm
+from lsm_train.measures.soft import soft_md_lsm
 from lsm_train.tracking import read_metrics
 from lsm_train.trainer import Trainer
 

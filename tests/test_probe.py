@@ -9,6 +9,7 @@ from torch import nn
 
 from lsm_train.capture import HiddenCapture
 from lsm_train.guard import SeparabilityGuard
+from lsm_train.measures.soft import soft_md_lsm
 from lsm_train.probe import (
     ProbeScorer,
     as_probe,
@@ -17,7 +18,6 @@ from lsm_train.probe import (
     probe_forward,
     version_key,
 )
-from lsm_train.surrogate import soft_md_lsm
 
 
 class TwoInputs(nn.Module):

@@ -11,7 +11,7 @@ Features H (n × d, or a conv map / token sequence reduced by ``reduce``, see
 of each problem, all problems from one factorization and one sort — the fast monitoring
 score; in-sample a lower bound of the degree, cross-fitted with the degree's split),
 ``"margin"`` (:func:`~lsm_train.measures.margin.md_lsm_margin`, the distance between the
-hulls, in the features' units) or ``"soft"`` (:func:`~lsm_train.surrogate.soft_md_lsm`,
+hulls, in the features' units) or ``"soft"`` (:func:`~lsm_train.measures.soft.soft_md_lsm`,
 the differentiable surrogate at its default temperature; returned as a float).
 
 **Degree, in-sample** (``holdout=None``). All class problems are solved together: the
@@ -68,6 +68,7 @@ from .._validation import _as_float, check_features_labels, check_fraction, to_t
 from ..features import reduce_features
 from .directions import Problems, auc2_counts, check_int, exact_u2, fit_directions, row_scores
 from .fisher import FisherLayout, crossfit_classes, fisher_values, stratified_split
+from .soft import soft_md_lsm
 
 __all__ = ["layer_separability", "METHODS", "SCHEMES"]
 
@@ -236,8 +237,6 @@ def layer_separability(
 
             values = [float(md_lsm_margin(X[a], X[b])) for a, b in pairs]
         else:
-            from ..surrogate import soft_md_lsm
-
             score = float(soft_md_lsm(X, labels, scheme=scheme))
             if not return_details:
                 return score
