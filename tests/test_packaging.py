@@ -85,3 +85,16 @@ def test_lsm_train_runs_from_the_wheel_alone(dists):
     _run([str(script), "debug=smoke", "lsm=monitor", "logger=none", "trainer.progress=false",
           "trainer.plots=false", f"hydra.run.dir={work / 'run'}"], cwd=work, env=env)
     assert (work / "run" / "metrics.jsonl").is_file()
+
+
+def test_every_subpackage_is_in_the_explicit_package_list():
+    """The package list in pyproject.toml is explicit (conf/ and recipes/ are renamed into the
+    package), so a new subpackage must be added there or the wheel lacks it."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    found = {".".join(p.parent.relative_to(root).parts)
+             for p in (root / "lsm_train").rglob("__init__.py")}
+    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
