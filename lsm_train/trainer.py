@@ -765,14 +765,20 @@ class Trainer:
                 out["probe/acc"] = probe_acc
                 return out
             out["probe/acc"] = probe_acc
-            out.update({f"lsm/{k}": v for k, v in lsm.items()})
-            out.update({f"val_lsm/{k}": v for k, v in val_lsm.items()})
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN mean -> NaN
-                out["lsm/mean"] = float(np.nanmean(list(lsm.values())))
-                out["val_lsm/mean"] = float(np.nanmean(list(val_lsm.values())))
-            if math.isfinite(out["lsm/mean"]):
-                self.history_lsm_mean = out["lsm/mean"]
+            out.update(self._layer_metrics(lsm, val_lsm))
+        return out
+
+    def _layer_metrics(self, lsm: Mapping[str, float],
+                       val_lsm: Mapping[str, float]) -> dict[str, float]:
+        """``lsm/<layer>``, ``val_lsm/<layer>`` and their means; remembers a finite mean."""
+        out = {f"lsm/{k}": v for k, v in lsm.items()}
+        out.update({f"val_lsm/{k}": v for k, v in val_lsm.items()})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN mean -> NaN
+            out["lsm/mean"] = float(np.nanmean(list(lsm.values())))
+            out["val_lsm/mean"] = float(np.nanmean(list(val_lsm.values())))
+        if math.isfinite(out["lsm/mean"]):
+            self.history_lsm_mean = out["lsm/mean"]
         return out
 
     def _layout(self, key: str, labels: torch.Tensor) -> Any:
@@ -809,14 +815,7 @@ class Trainer:
         n_test = max(1, len(self.data.test))
         out = {"val/loss": loss_t / n_test, "val/acc": correct_t / n_test,
                "probe/acc": correct_p / max(1, px.shape[0])}
-        out.update({f"lsm/{k}": v for k, v in lsm.items()})
-        out.update({f"val_lsm/{k}": v for k, v in val_lsm.items()})
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN mean -> NaN
-            out["lsm/mean"] = float(np.nanmean(list(lsm.values())))
-            out["val_lsm/mean"] = float(np.nanmean(list(val_lsm.values())))
-        if math.isfinite(out["lsm/mean"]):
-            self.history_lsm_mean = out["lsm/mean"]
+        out.update(self._layer_metrics(lsm, val_lsm))
         return out
 
     def _train_metrics(self) -> dict[str, float]:
