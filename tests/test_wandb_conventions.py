@@ -162,3 +162,22 @@ def test_no_warning_from_a_healthy_offline_run(tmp_path):
             tr.log(RECORD, step=1)
             tr.summary({"lsm/features.3": 0.5})
     assert offline_run(tmp_path)["summary"]["lsm/features.03"] == 0.5
+
+
+def test_an_app_run_logs_int_guard_counters_and_padded_layer_keys(tmp_path):
+    """The trainer's own records (guard counters built as floats) through the app."""
+    from lsm_train.app import train_from_config
+
+    cfg = compose(["debug=smoke", "lsm=both", "trainer.progress=false", "trainer.plots=false"])
+    res = train_from_config(cfg, tmp_path, recipe="quickstart")
+    assert res.status == "completed"
+    run = offline_run(tmp_path)
+    local = read_metrics(tmp_path)[-1]
+    layers = [k for k in local if k.startswith("lsm/") and k != "lsm/mean"]
+    assert layers and all(wandb_key(k) in run["history"][-1] for k in layers)
+    assert {"name": "", "glob_name": "*", "step_metric": "step"} in run["metrics"]
+    summary = run["summary"]
+    assert type(summary["guard/checks"]) is int and summary["guard/checks"] >= 1
+    assert type(summary["time/monitor_evaluations"]) is int and type(summary["epoch"]) is int
+    assert type(local["guard/checks"]) is int
+    assert run["name"] == f"{cfg.model.name}-{cfg.data.name}-both-s{cfg.seed}"
