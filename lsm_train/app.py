@@ -295,6 +295,8 @@ def validate_config(cfg: DictConfig) -> None:
 def _wandb_settings(
     cfg: DictConfig, recipe: str, sweep: str | None, resume_id: str | None
 ) -> dict[str, Any] | None:
+    from lsm_train import run_names
+
     wcfg = _num(cfg, "logger.wandb")
     if wcfg is None:
         return None
@@ -305,9 +307,13 @@ def _wandb_settings(
     mode = _num(cfg, "lsm.mode")
     tags = list(dict.fromkeys(
         [str(t) for t in (w.get("tags") or [])] + [str(t) for t in (cfg.get("tags") or [])]
-        + [str(_num(cfg, "model.name")), str(_num(cfg, "data.name")), f"lsm-{mode}"]
+        + [run_names.label(cfg, "model"), run_names.label(cfg, "data"), f"lsm-{mode}"]
     ))
-    name = w.get("name") or f"{_num(cfg, 'model.name')}-{_num(cfg, 'data.name')}-{mode}-s{cfg.seed}"
+    name = w.get("name")
+    if not name:  # docs/app.md (wandb): unique within a sweep, deterministic
+        name = run_names.base_name(cfg)
+        suffix = run_names.hydra_job_suffix() if sweep else None
+        name = f"{name}-{suffix}" if suffix else name
     return {
         "project": w.get("project"),
         "entity": w.get("entity"),

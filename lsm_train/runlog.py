@@ -6,9 +6,11 @@ A run folder's ``metrics.jsonl`` holds one JSON object per logged step, for exam
 "guard/accept_rate": 0.9, "time/elapsed_s": 12.5}``. The writer (:func:`to_record`,
 :func:`encode_record`) and every reader (:func:`read_metrics`) go through this module, so the
 names live in one place.
-Non-finite numbers are written as ``null`` (NaN) or ±1e308 (±inf). The reader is tolerant:
-blank lines are ignored and a line that is not a JSON object (a killed run's truncated last
-line) is dropped with a warning. See ``docs/app.md`` (run folder) and ``docs/report.md``.
+Non-finite numbers are written as ``null`` (NaN) or ±1e308 (±inf), counters
+(:func:`is_counter`: step, epoch, ``guard/<counter>``, ``time/monitor_evaluations``) as
+integers. The reader is tolerant: blank lines are ignored and a line that is not a JSON
+object (a killed run's truncated last line) is dropped with a warning. See ``docs/app.md``
+(run folder) and ``docs/report.md``.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ __all__ = [
     "PROBE_ACC", "LSM", "VAL_LSM", "LSM_LOSS", "GUARD", "TIME", "PRETRAIN", "LAYER_PREFIXES",
     "AGGREGATES", "LSM_MEAN", "VAL_LSM_MEAN", "GUARD_ACCEPT_RATE", "GUARD_ACCEPTED",
     "GUARD_REJECTED", "GUARD_CHECKS", "TIME_ELAPSED", "TIME_TRAIN", "TIME_MONITOR",
-    "SCALARS", "PREFIXES", "is_schema_key", "layer_key", "layer_of", "layer_names", "to_float",
-    "json_value", "to_record", "encode_record", "read_metrics",
+    "TIME_MONITOR_EVALUATIONS", "SCALARS", "PREFIXES", "is_schema_key", "is_counter",
+    "layer_key", "layer_of", "layer_names", "to_float",
+    "json_value", "metric_value", "to_record", "encode_record", "read_metrics",
 ]
 
 METRICS_FILE = "metrics.jsonl"
@@ -64,6 +67,7 @@ GUARD_ACCEPT_RATE = GUARD + "accept_rate"  # accepted / checks
 TIME_ELAPSED = TIME + "elapsed_s"  # wall time of the run
 TIME_MONITOR = TIME + "monitor_s"  # of which the monitor
 TIME_TRAIN = TIME + "train_s"  # elapsed minus monitor
+TIME_MONITOR_EVALUATIONS = TIME + "monitor_evaluations"  # monitor calls in this process
 
 
 #: every key without a prefix that a record may hold.
@@ -75,6 +79,15 @@ PREFIXES = (*LAYER_PREFIXES, GUARD, TIME, PRETRAIN)
 def is_schema_key(key: str) -> bool:
     """Whether ``key`` is one of :data:`SCALARS` or starts with one of :data:`PREFIXES`."""
     return key in SCALARS or any(key.startswith(p) and len(key) > len(p) for p in PREFIXES)
+
+
+def is_counter(key: str) -> bool:
+    """Whether ``key`` counts things (written as an integer): ``step``, ``epoch``,
+    ``time/monitor_evaluations`` and the guard's counters (``guard/<name>`` except the
+    rates, ``guard/*rate``)."""
+    if key in (STEP, EPOCH, TIME_MONITOR_EVALUATIONS):
+        return True
+    return key.startswith(GUARD) and len(key) > len(GUARD) and not key.endswith("rate")
 
 
 def layer_key(prefix: str, layer: str) -> str:
@@ -125,11 +138,22 @@ def json_value(value: Any) -> Any:
     return value
 
 
+def metric_value(key: str, value: Any) -> Any:
+    """:func:`json_value` of ``value``, and an integral number under a counter key
+    (:func:`is_counter`) as an ``int`` (``3.0`` -> ``3``)."""
+    value = json_value(value)
+    if (isinstance(value, float) and value.is_integer() and abs(value) < 2**53
+            and is_counter(key)):
+        return int(value)
+    return value
+
+
 def to_record(metrics: Mapping[str, Any], step: int) -> dict[str, Any]:
     """The record of one logged step: ``step`` first, then ``metrics`` as JSON values
-    (tensors and numpy scalars as numbers, NaN as ``None``, ±inf as ±1e308)."""
+    (:func:`metric_value`: tensors and numpy scalars as numbers, NaN as ``None``, ±inf as
+    ±1e308, counters as integers)."""
     record: dict[str, Any] = {STEP: int(step)}
-    record.update({k: json_value(v) for k, v in metrics.items() if k != STEP})
+    record.update({k: metric_value(k, v) for k, v in metrics.items() if k != STEP})
     return record
 
 

@@ -14,6 +14,10 @@ wandb is failure-tolerant: any exception from ``wandb.init``, ``log`` or ``finis
 turned into one warning and training goes on (the local file is unaffected). A wandb log
 file that cannot be written (a full disk) gives one warning and is dropped, instead of a
 logging traceback per record.
+
+wandb conventions: every metric is charted against ``step`` (``define_metric``), counters
+are integers (:func:`lsm_train.runlog.is_counter`), and layer keys get zero-padded indices
+(:func:`wandb_key`) so that panels sort in network order.
 """
 
 from __future__ import annotations
@@ -27,9 +31,36 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lsm_train.runlog import METRICS_FILE, json_value, read_metrics, to_record
+from lsm_train.runlog import (
+    AGGREGATES,
+    LAYER_PREFIXES,
+    METRICS_FILE,
+    STEP,
+    metric_value,
+    read_metrics,
+    to_record,
+)
 
-__all__ = ["Tracker", "read_metrics", "MetricsWriteError"]
+__all__ = ["Tracker", "read_metrics", "MetricsWriteError", "wandb_key"]
+
+#: width to which :func:`wandb_key` zero-pads the numeric parts of a layer name.
+LAYER_INDEX_WIDTH = 2
+
+
+def wandb_key(key: str) -> str:
+    """The wandb name of a ``metrics.jsonl`` key: under a layer prefix (``lsm/``,
+    ``val_lsm/``, ``lsm_loss/``) every dot-separated all-digit part of the layer name is
+    zero-padded to :data:`LAYER_INDEX_WIDTH` digits, so that wandb's alphabetical panel
+    order is the network order (``lsm/features.3`` -> ``lsm/features.03``, before
+    ``lsm/features.10``); every other key (and ``lsm/mean``) is unchanged. Only wandb sees
+    these names: ``metrics.jsonl`` keeps the model's own names."""
+    for prefix in LAYER_PREFIXES:
+        if key.startswith(prefix) and key[len(prefix):] not in AGGREGATES:
+            parts = key[len(prefix):].split(".")
+            return prefix + ".".join(
+                p.zfill(LAYER_INDEX_WIDTH) if p.isdigit() else p for p in parts
+            )
+    return key
 
 
 class MetricsWriteError(OSError):
@@ -111,11 +142,15 @@ class Tracker:
             finally:
                 logging.raiseExceptions = raise_exceptions
             self._guard_log_files()
-            self.run.define_metric("step")
-            self.run.define_metric("*", step_metric="step")
         except Exception as err:  # noqa: BLE001 - a logger must never stop training
             self.run = None
             self._warn("init", err)
+            return
+        try:  # every chart against the training step, not wandb's own log counter
+            self.run.define_metric(STEP)
+            self.run.define_metric("*", step_metric=STEP)
+        except Exception as err:  # noqa: BLE001 - charts against wandb's step still work
+            self._warn("define_metric", err)
 
     def _guard_log_files(self) -> None:
         """On the first write error of a file handler of wandb's logger: one warning, then
@@ -167,7 +202,7 @@ class Tracker:
             ) from err
         if self.run is not None:
             try:
-                self.run.log(record)
+                self.run.log({wandb_key(k): v for k, v in record.items()})
             except Exception as err:  # noqa: BLE001
                 self._warn("log", err)
 
@@ -179,7 +214,7 @@ class Tracker:
 
             data: dict[str, Any] = {key: wandb.Image(str(path))}
             if step is not None:
-                data["step"] = int(step)
+                data[STEP] = int(step)
             self.run.log(data)
         except Exception as err:  # noqa: BLE001
             self._warn("image upload", err)
@@ -189,7 +224,7 @@ class Tracker:
             return
         try:
             for k, v in values.items():
-                self.run.summary[k] = json_value(v)
+                self.run.summary[wandb_key(k)] = metric_value(k, v)
         except Exception as err:  # noqa: BLE001
             self._warn("summary", err)
 

@@ -43,14 +43,15 @@ def records(run_file: Path) -> list[Any]:
 
 def offline_run(run_dir: Path) -> dict[str, Any]:
     """The single offline run under ``run_dir/wandb``: its exit code (None when the run
-    was never finished), summary (last value per key) and history keys. The wandb
+    was never finished), summary (last value per key), history records, display name and
+    ``define_metric`` records (``{"name", "glob_name", "step_metric"}``). The wandb
     service of this process is torn down first: it writes the run file asynchronously."""
     import wandb
 
     wandb.teardown()
     runs = list((Path(run_dir) / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, runs
-    exit_code, summary, history = None, {}, []
+    exit_code, summary, history, name, metrics = None, {}, [], None, []
     for rec in records(runs[0]):
         kind = rec.WhichOneof("record_type")
         if kind == "exit":
@@ -59,7 +60,13 @@ def offline_run(run_dir: Path) -> dict[str, Any]:
             for item in rec.summary.update:
                 key = item.key or ".".join(item.nested_key)
                 summary[key] = json.loads(item.value_json)
+        elif kind == "run":
+            name = rec.run.display_name
+        elif kind == "metric":
+            metrics.append({"name": rec.metric.name, "glob_name": rec.metric.glob_name,
+                            "step_metric": rec.metric.step_metric})
         elif kind == "history":
             history.append({(i.key or ".".join(i.nested_key)): json.loads(i.value_json)
                             for i in rec.history.item})
-    return {"exit_code": exit_code, "summary": summary, "history": history}
+    return {"exit_code": exit_code, "summary": summary, "history": history, "name": name,
+            "metrics": metrics}
