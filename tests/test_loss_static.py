@@ -142,6 +142,15 @@ def test_meta_tensors():
     assert feats["a"].grad.shape == (16, 8, 3, 3)
 
 
+def assert_same_step(la, lb, a, b):
+    """The losses of twin models ``a`` and ``b`` agree, and so do their gradients."""
+    la.backward()
+    lb.backward()
+    assert la.item() == pytest.approx(lb.item(), rel=1e-6)
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
 def test_compiled_step_with_fullgraph_equals_eager():
     """Hooks registered before compiling; the whole step (model, LSMLoss) in one graph."""
     a, b = twins()
@@ -158,11 +167,7 @@ def test_compiled_step_with_fullgraph_equals_eager():
     compiled = torch.compile(make(a, ra), fullgraph=True, dynamic=False, backend="aot_eager")
     la = compiled(x, y)
     lb = make(b, rb)(x, y)
-    la.backward()
-    lb.backward()
-    assert la.item() == pytest.approx(lb.item(), rel=1e-6)
-    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    assert_same_step(la, lb, a, b)
     torch._dynamo.reset()
 
 
@@ -178,9 +183,5 @@ def test_reference_path_inside_a_compiled_region_equals_eager():
     step = torch.compile(lambda x, y: nn.functional.cross_entropy(a(x), y) + ra(y),
                          backend="aot_eager")
     la, lb = step(x, y), nn.functional.cross_entropy(b(x), y) + rb(y)
-    la.backward()
-    lb.backward()
-    assert la.item() == pytest.approx(lb.item(), rel=1e-6)
-    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    assert_same_step(la, lb, a, b)
     torch._dynamo.reset()

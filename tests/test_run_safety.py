@@ -259,23 +259,27 @@ def test_the_wandb_run_of_a_diverged_run_ends_failed_with_plot_and_summary(tmp_p
     assert any(h.get("plots/summary._type") == "image-file" for h in run["history"])  # the plot
 
 
+def _sigterm_on_second_training_forward(model):
+    """``model`` sends this process SIGTERM at its second forward in training mode."""
+    calls = {"n": 0}
+
+    def hook(module, args):
+        if module.training:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    model.register_forward_pre_hook(hook)
+    return model
+
+
 def test_the_wandb_run_of_a_stopped_run_ends_with_the_signal_status(tmp_path):
     cfg = compose(["debug=smoke", "lsm=off", "trainer.progress=false", "trainer.plots=false",
                    "trainer.max_steps=3"])
     factory = _poison_after(10**9)
 
     def killing_factory(bundle):
-        model = factory(bundle)
-        calls = {"n": 0}
-
-        def hook(module, args):
-            if module.training:
-                calls["n"] += 1
-                if calls["n"] == 2:
-                    os.kill(os.getpid(), signal.SIGTERM)
-
-        model.register_forward_pre_hook(hook)
-        return model
+        return _sigterm_on_second_training_forward(factory(bundle))
 
     res = train_from_config(cfg, tmp_path, recipe="quickstart", model_factory=killing_factory)
     assert res.status == "interrupted" and res.step == 2
@@ -406,15 +410,7 @@ def test_a_read_only_run_folder_is_reported_before_hydra_writes(tmp_path):
 
 def test_sigterm_without_checkpointing_does_not_claim_a_checkpoint(tmp_path):
     t = Trainer(_small("trainer.checkpoint=false"), tmp_path)
-    calls = {"n": 0}
-
-    def hook(module, args):
-        if module.training:
-            calls["n"] += 1
-            if calls["n"] == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    t.model.register_forward_pre_hook(hook)
+    _sigterm_on_second_training_forward(t.model)
     res = t.fit()
     assert res.status == "interrupted" and res.step == 2
     assert "checkpoint written" not in res.message
