@@ -21,7 +21,14 @@ __all__ = [
     "check_features_labels",
     "check_positive",
     "check_fraction",
+    "check_int",
+    "check_unit",
+    "check_scheme",
+    "check_choice",
+    "SCHEMES",
 ]
+
+SCHEMES = ("pairwise", "ovr")  # class problems of a layer score: pairs i < j, or c vs rest
 
 
 def to_tensor(x: Any, name: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -164,3 +171,37 @@ def check_fraction(value: float, name: str) -> float:
     if not (0.0 < v < 1.0):
         raise ValueError(f"{name}: expected a fraction strictly between 0 and 1, got {value!r}")
     return v
+
+
+def check_int(value: Any, name: str, minimum: int = 0, *, integral_float: bool = False) -> int:
+    """An integer >= ``minimum`` (numpy integers accepted, bools refused; with
+    ``integral_float`` also floats such as 3.0, as YAML or a sweep may give them)."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not ok and integral_float and isinstance(value, (float, np.floating)):
+        ok = bool(np.isfinite(value)) and float(value).is_integer()
+    if not ok or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_unit(value: Any, name: str) -> float:
+    """A number in the closed interval [0, 1]."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}") from err
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
+    return v
+
+
+def check_choice(value: Any, name: str, choices: tuple) -> Any:
+    """``value`` when it is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+    return value
+
+
+def check_scheme(scheme: Any) -> str:
+    """``"pairwise"`` or ``"ovr"`` (:data:`SCHEMES`)."""
+    return check_choice(scheme, "scheme", SCHEMES)

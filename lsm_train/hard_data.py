@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lsm_train._validation import check_int
+
 __all__ = [
     "teacher_network",
     "teacher_inputs",
@@ -38,9 +40,7 @@ _CALIBRATION_SAMPLES = 20_000
 
 
 def _int(value: Any, key: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"data.{key}: expected an integer >= {low}, got {value!r}")
-    return int(value)
+    return check_int(value, f"data.{key}", low)
 
 
 def _fraction(value: Any, key: str) -> float:

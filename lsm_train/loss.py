@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lsm_train._validation import check_positive
+from lsm_train._validation import check_choice, check_int, check_positive, check_scheme, check_unit
 from lsm_train.capture import HiddenCapture
 from lsm_train.features import REDUCTIONS
 from lsm_train.layer_scores import (
@@ -63,24 +63,14 @@ from lsm_train.layer_scores import (
 
 __all__ = ["LSMLoss", "lsm_loss"]
 
-_SCHEMES = ("pairwise", "ovr")
-
-
 # --------------------------------------------------------------------------- validation
 
 
 def _check_options(tau: Any, scheme: Any, shrinkage: Any, reduce: Any) -> float:
     tau = check_positive(tau, "tau")
-    if scheme not in _SCHEMES:
-        raise ValueError(f"scheme: expected one of {_SCHEMES}, got {scheme!r}")
-    try:
-        lam = float(shrinkage)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"shrinkage: expected a number in [0, 1], got {shrinkage!r}") from err
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"shrinkage: expected a number in [0, 1], got {shrinkage!r}")
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"reduce: expected one of {REDUCTIONS}, got {reduce!r}")
+    check_scheme(scheme)
+    check_unit(shrinkage, "shrinkage")
+    check_choice(reduce, "reduce", REDUCTIONS)
     return tau
 
 
@@ -180,8 +170,7 @@ def lsm_loss(
 
 
 def _check_static_options(num_classes: Any, detach_directions: bool) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes: expected None or an int >= 1, got {num_classes!r}")
+    num_classes = check_int(num_classes, "num_classes (None or an integer)", 1)
     if detach_directions:
         raise ValueError("detach_directions=True is not supported with num_classes "
                          "(the static path); leave num_classes=None for it")

@@ -6,19 +6,13 @@ from typing import Any
 
 import torch
 
-from lsm_train._validation import check_fraction, check_positive
+from lsm_train._validation import check_fraction, check_int, check_positive
 from lsm_train.probe import MEASURES
 
 __all__ = ["check_options", "SCOPES", "GUARD_MEASURES"]
 
 SCOPES = ("step", "window")
 GUARD_MEASURES = (*MEASURES, "random")
-
-
-def check_int(value: Any, name: str, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def check_options(*, measure: Any, tau: float, z: float, groups: int, tolerance: float,

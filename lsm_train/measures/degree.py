@@ -45,8 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._validation import check_pair, to_tensor
-from .directions import auc2_counts, check_int, fit_directions, row_scores
+from .._validation import check_int, check_pair, to_tensor
+from .directions import auc2_counts, fit_directions, row_scores
 
 __all__ = ["auc_of_direction", "md_lsm"]
 

@@ -15,8 +15,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
+
+from lsm_train._validation import check_int
 
 __all__ = ["Problems", "auc2_counts", "check_int", "exact_u2", "fit_directions", "row_scores"]
 
@@ -360,9 +361,4 @@ def fit_directions(
     return Wf / Wf.norm(dim=0, keepdim=True).clamp_min(1e-300)
 
 
-
-def check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    return int(value)
 

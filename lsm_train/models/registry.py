@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-import math
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+
+from lsm_train._validation import check_int
 
 __all__ = [
     "register_model",
@@ -90,13 +91,7 @@ def _builder(name: str) -> Callable[..., nn.Module]:
 
 def positive_int(value: Any, name: str) -> int:
     """``value`` as an int >= 1 (integral floats and numpy integers accepted)."""
-    ok = (
-        isinstance(value, numbers.Real) and not isinstance(value, bool)
-        and math.isfinite(value) and int(value) == value and value >= 1
-    )
-    if not ok:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    return int(value)
+    return check_int(value, name, 1, integral_float=True)
 
 
 def int_list(value: Any, name: str, *, allow_empty: bool = False) -> list[int]:

@@ -9,9 +9,9 @@
 * :mod:`.linalg` — SPD solves; :mod:`.options` — validation.
 """
 
+from lsm_train._validation import SCHEMES
 from lsm_train.measures.soft.api import fisher_directions, soft_md_lsm, soft_pair_score
 from lsm_train.measures.soft.layout import LabelLayout
-from lsm_train.measures.soft.options import SCHEMES
 from lsm_train.measures.soft.static import static_scores
 
 __all__ = [

@@ -20,7 +20,14 @@ from typing import Any
 
 import torch
 
-from lsm_train._validation import _as_float, check_labels, check_pair, check_positive, to_tensor
+from lsm_train._validation import (
+    _as_float,
+    check_labels,
+    check_pair,
+    check_positive,
+    check_scheme,
+    to_tensor,
+)
 from lsm_train.features import reduce_features
 from lsm_train.measures.soft.counts import SoftCount
 from lsm_train.measures.soft.fused import FusedSoft
@@ -29,7 +36,6 @@ from lsm_train.measures.soft.options import (
     BLOCK_ELEMS,
     DENSE_ELEMS,
     check_num_classes,
-    check_scheme,
     check_shrinkage,
     check_tau,
     feature_scale,

@@ -14,23 +14,24 @@ from typing import Any
 
 import torch
 
-from lsm_train._validation import _as_float, check_labels, check_points, check_positive, to_tensor
+from lsm_train._validation import (
+    _as_float,
+    check_int,
+    check_labels,
+    check_points,
+    check_positive,
+    check_unit,
+    to_tensor,
+)
 from lsm_train.features import reduce_features
 
-SCHEMES = ("pairwise", "ovr")
 RIDGE = 1e-6  # ε: ridge relative to the total variance per coordinate
 BLOCK_ELEMS = 1 << 22  # max entries of one block of pairwise differences
 DENSE_ELEMS = 1 << 18  # n² up to this: the dense n × n soft count (n <= 512)
 
 
 def check_shrinkage(shrinkage: Any) -> float:
-    try:
-        v = float(shrinkage)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"shrinkage: expected a number in [0, 1], got {shrinkage!r}") from err
-    if not (0.0 <= v <= 1.0):
-        raise ValueError(f"shrinkage: expected a number in [0, 1], got {shrinkage!r}")
-    return v
+    return check_unit(shrinkage, "shrinkage")
 
 
 def check_tau(tau: Any) -> float:
@@ -38,12 +39,6 @@ def check_tau(tau: Any) -> float:
     if type(tau) is float and 0.0 < tau < math.inf:
         return tau
     return check_positive(tau, "tau")
-
-
-def check_scheme(scheme: Any) -> str:
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
-    return scheme
 
 
 def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
@@ -128,6 +123,4 @@ def labels_tensor(
 
 
 def check_num_classes(num_classes: Any) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes: expected an int >= 1, got {num_classes!r}")
-    return num_classes
+    return check_int(num_classes, "num_classes", 1)
