@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from lsm_train.distributed import all_gather_cat
 from lsm_train.measures.soft import LabelLayout, soft_md_lsm, static_scores
 from lsm_train.measures.soft.api import static_features
 from lsm_train.measures.soft.options import full_precision, label_vector
@@ -115,7 +116,5 @@ def gather_ranks(
     feats: Mapping[str, torch.Tensor], y: torch.Tensor, group: Any
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Features and labels of every rank, concatenated in rank order (local part keeps grad)."""
-    from lsm_train.distributed import all_gather_cat
-
     out = {n: all_gather_cat(f, group, interleave=True) for n, f in feats.items()}
     return out, all_gather_cat(y, group, interleave=True)

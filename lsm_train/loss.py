@@ -51,6 +51,7 @@ from torch import nn
 
 from lsm_train._validation import check_choice, check_int, check_positive, check_scheme, check_unit
 from lsm_train.capture import HiddenCapture
+from lsm_train.distributed import world_size
 from lsm_train.features import REDUCTIONS
 from lsm_train.layer_scores import (
     batch_labels,
@@ -319,8 +320,6 @@ class LSMLoss(nn.Module):
         self._follow(y.device)
         world = 1
         if self.gather:
-            from lsm_train.distributed import world_size
-
             world = world_size(self.process_group)
             if world > 1:
                 feats, y = gather_ranks(feats, y, self.process_group)

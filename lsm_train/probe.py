@@ -39,6 +39,7 @@ from torch.nn import functional as F
 
 from lsm_train._validation import check_labels
 from lsm_train.capture import HiddenCapture, resolve_layers, unwrap_model
+from lsm_train.measures.layer import layer_separability
 from lsm_train.measures.soft import soft_md_lsm
 
 __all__ = [
@@ -178,7 +179,6 @@ def _layer_measure(measure: Any, tau: float) -> Callable[[torch.Tensor, torch.Te
     if measure == "soft":
         return lambda H, y: soft_md_lsm(H, y, tau=tau)
     if measure == "degree":
-        from lsm_train.measures.layer import layer_separability
 
         return lambda H, y: layer_separability(H, y, method="degree")
     return measure

@@ -261,7 +261,7 @@ def _finish(a, b, w, mode: str, return_direction: bool, like: Any):
     if value < 1.0 and mode != "False":
         cheap = (na + nb) * (a.shape[1] + 1) <= _LP_CHEAP
         if mode == "True" or cheap or value >= 1.0 - _LP_GAP:
-            from .exact import separability_test
+            from .exact import separability_test  # imports scipy's LP solver: only when used
 
             cert = separability_test(a, b)
             if cert.separable:  # keep the LP's separator once checked exactly here

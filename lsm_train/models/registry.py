@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from lsm_train._validation import check_int
+from lsm_train.models.external import create_external
 
 __all__ = [
     "register_model",
@@ -176,8 +177,6 @@ def create_model(
                 f"{', '.join(p + ':<name>' for p in EXTERNAL_PREFIXES)} or a registered model: "
                 f"{', '.join(list_models())}"
             )
-        from lsm_train.models.external import create_external
-
         model = create_external(
             prefix, ext_name, num_classes=num_classes, in_channels=in_channels,
             image_size=hw, **kwargs,
