@@ -6,14 +6,14 @@ or, with ``--train``, test accuracy of every family's digits recipe over several
     .venv/bin/python bench/zoo.py --device cuda --gpu-scale
     .venv/bin/python bench/zoo.py --train --seeds 0 1 2 [--lsm off] [--set key=value ...]
 
-``--train`` runs ``recipe=zoo/<family>-digits`` (or the ``--recipes`` given) in-process for
-each seed (``lsm=off``, ``logger=none``, no plots or checkpoints unless overridden) and
-prints mean +- std of the final test accuracy (``val/acc``) and the wall time per run
-(see docs/models-training.md).
+``--train`` runs ``recipe=zoo/digits model=<family>`` for each of ``--families`` (or each of
+the ``--recipes`` given, as they are) in-process for each seed (``lsm=off``, ``logger=none``,
+no plots or checkpoints unless overridden) and prints mean +- std of the final test accuracy
+(``val/acc``) and the wall time per run (see docs/models-training.md).
 
 One timed step = zero_grad, forward, cross-entropy, backward (no optimizer step), in train
 mode; the table shows the median over ``--repeats`` steps after ``--warmup`` steps. The
-GPU-scale options mirror recipes/zoo/*-cifar10.yaml.
+GPU-scale options mirror conf/tuning/zoo/cifar10/<family>.yaml.
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def time_step(model, x, y, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def train_recipes(recipes: list[str], seeds: list[int], lsm: str, extra: list[str]) -> None:
-    """Run each recipe once per seed; print a Markdown table of the final test accuracy."""
+def train_recipes(runs: list[list[str]], seeds: list[int], lsm: str, extra: list[str]) -> None:
+    """Run each override list (``recipe=...`` first) once per seed; print a Markdown table
+    of the final test accuracy."""
     import contextlib
     import io
     import tempfile
@@ -66,10 +67,12 @@ def train_recipes(recipes: list[str], seeds: list[int], lsm: str, extra: list[st
 
     print("| recipe | test acc (mean +- std) | per seed | wall s / run |")
     print("|---|---:|---|---:|")
-    for recipe in recipes:
+    for run in runs:
+        recipe = run[0].removeprefix("recipe=")
+        label = " ".join([recipe, *run[1:]])
         accs, walls = [], []
         for seed in seeds:
-            cfg = compose([f"recipe={recipe}", f"lsm={lsm}", "logger=none", f"seed={seed}",
+            cfg = compose([*run, f"lsm={lsm}", "logger=none", f"seed={seed}",
                            "trainer.progress=false", "trainer.plots=false",
                            "trainer.checkpoint=false", *extra])
             with tempfile.TemporaryDirectory() as run_dir, \
@@ -81,7 +84,7 @@ def train_recipes(recipes: list[str], seeds: list[int], lsm: str, extra: list[st
         mean = statistics.mean(accs)
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         per_seed = " / ".join(f"{a:.3f}" for a in accs)
-        print(f"| `{recipe}` lsm={lsm} | {mean:.3f} +- {std:.3f} | {per_seed} | "
+        print(f"| `{label}` lsm={lsm} | {mean:.3f} +- {std:.3f} | {per_seed} | "
               f"{statistics.mean(walls):.1f} |", flush=True)
     print(f"\nmachine: {machine(torch.device('cpu'))}; overrides: {' '.join(extra) or 'none'}")
 
@@ -111,15 +114,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train", action="store_true",
                     help="train each family's digits recipe instead of timing steps")
     ap.add_argument("--recipes", nargs="*", default=None,
-                    help="recipes for --train (default: zoo/<family>-digits of --families)")
+                    help="recipes for --train (default: zoo/digits model=<family> for each of "
+                         "--families)")
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--lsm", default="off", help="lsm= group for --train (default off)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="Hydra overrides for --train, e.g. --set trainer.epochs=20")
     args = ap.parse_args(argv)
     if args.train:
-        recipes = args.recipes or [f"zoo/{fam}-digits" for fam in args.families]
-        train_recipes(recipes, args.seeds, args.lsm, args.set)
+        runs = ([[f"recipe={r}"] for r in args.recipes] if args.recipes else
+                [["recipe=zoo/digits", f"model={fam}"] for fam in args.families])
+        train_recipes(runs, args.seeds, args.lsm, args.set)
         return
     if args.set:
         ap.error("--set is only used with --train")

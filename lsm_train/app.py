@@ -1,15 +1,18 @@
 """``lsm-train`` / ``python -m lsm_train``: the Hydra 1.3 application.
 
     lsm-train                                   # recipe=quickstart: MLP on digits, lsm=both
-    lsm-train recipe=zoo/resnet-digits lsm=guard trainer.epochs=3
+    lsm-train recipe=zoo/digits model=resnet lsm=guard trainer.epochs=3
     lsm-train -m recipe=ablation/lsm-modes      # off, loss, guard, both as one multirun
+    lsm-train --recipes                         # every recipe= value, with a line about it
 
 Config groups live in ``conf/`` (model, data, optim, sched, lsm, logger, trainer, debug,
-hydra); experiments in ``recipes/`` (``# @package _global_``). ``recipes/`` is exposed as
+hydra, and ``tuning/<recipe>/<model>.yaml``: a recipe's settings for one model family,
+applied after the recipe when the file exists); experiments in ``recipes/``
+(``# @package _global_``). ``recipes/`` is exposed as
 the config group ``recipe`` by :class:`RecipeConfigSource`, a Hydra config source for the
-``lsmrecipes://`` search-path scheme, so ``recipe=zoo/mlp-digits`` selects
-``recipes/zoo/mlp-digits.yaml``. Both folders are found in a source checkout (next to the
-package) and in an installed wheel (inside the package, see :func:`conf_dir`).
+``lsmrecipes://`` search-path scheme (:mod:`lsm_train.recipe_source`), so
+``recipe=zoo/digits`` selects ``recipes/zoo/digits.yaml``. Both folders are found in a
+source checkout (next to the package) and in an installed wheel (inside the package).
 
 Each run writes to Hydra's run folder: ``metrics.jsonl``, ``checkpoint.pt``,
 ``summary.png``, ``wandb/`` (offline unless ``WANDB_MODE=online``) and ``.hydra/``; one
@@ -33,9 +36,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.core_plugins.file_config_source import FileConfigSource
-from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ObjectType
 from omegaconf import DictConfig, OmegaConf
+
+from lsm_train.recipe_source import (
+    RecipeConfigSource,
+    conf_dir,
+    list_recipes,
+    recipes_dir,
+    recipes_table,
+    register_sources,
+)
 
 __all__ = [
     "main",
@@ -52,108 +62,6 @@ __all__ = [
 
 class SetupError(ValueError):
     """A run could not start (bad config value, missing data, unknown model option, ...)."""
-
-_PKG = Path(__file__).resolve().parent
-
-
-def _find_dir(name: str) -> Path:
-    """``lsm_train/<name>`` in an installed wheel, ``<checkout>/<name>`` in a source tree."""
-    env = os.environ.get(f"LSM_TRAIN_{name.upper()}_DIR")
-    candidates = [Path(env)] if env else []
-    candidates += [_PKG / name, _PKG.parent / name]
-    for cand in candidates:
-        if cand.is_dir():
-            return cand
-    raise FileNotFoundError(
-        f"lsm_train: the '{name}' folder was not found (looked in "
-        f"{', '.join(str(c) for c in candidates)}); reinstall the package or set "
-        f"LSM_TRAIN_{name.upper()}_DIR"
-    )
-
-
-def conf_dir() -> Path:
-    """The folder of Hydra config groups (``conf/``)."""
-    return _find_dir("conf")
-
-
-def recipes_dir() -> Path:
-    """The folder of recipes (``recipes/``)."""
-    return _find_dir("recipes")
-
-
-def list_recipes() -> list[str]:
-    """Every recipe name (``recipe=`` values), e.g. ``["quickstart", "zoo/mlp-digits", ...]``."""
-    root = recipes_dir()
-    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
-
-
-class RecipeConfigSource(FileConfigSource):
-    """Hydra config source exposing a folder of recipes as the config group ``recipe``.
-
-    Search-path entry ``lsmrecipes://builtin`` is the package's ``recipes/`` folder;
-    ``lsmrecipes:///abs/folder`` any other folder. ``recipe/<path>`` maps to
-    ``<folder>/<path>.yaml``.
-    """
-
-    GROUP = "recipe"
-
-    def __init__(self, provider: str, path: str) -> None:
-        super().__init__(provider=provider, path=path)
-        if self.path in ("", "builtin"):
-            self.path = str(recipes_dir())
-
-    @staticmethod
-    def scheme() -> str:
-        return "lsmrecipes"
-
-    def _inner(self, config_path: str) -> str | None:
-        p = config_path.strip("/")
-        if p == self.GROUP:
-            return ""
-        if p.startswith(self.GROUP + "/"):
-            return p[len(self.GROUP) + 1 :]
-        return None
-
-    def load_config(self, config_path: str) -> ConfigResult:
-        inner = self._inner(config_path)
-        if not inner:
-            raise ConfigLoadError(f"Config not found : {config_path}")
-        return super().load_config(inner)
-
-    def is_group(self, config_path: str) -> bool:
-        if config_path.strip("/") == "":
-            return True
-        inner = self._inner(config_path)
-        return inner is not None and super().is_group(inner)
-
-    def is_config(self, config_path: str) -> bool:
-        inner = self._inner(config_path)
-        return bool(inner) and super().is_config(inner)
-
-    def list(self, config_path: str, results_filter: ObjectType | None) -> list[str]:
-        if config_path.strip("/") == "":
-            return [self.GROUP] if results_filter in (None, ObjectType.GROUP) else []
-        inner = self._inner(config_path)
-        if inner is None or not super().is_group(inner):
-            return []
-        files: list[str] = []
-        for name in os.listdir(os.path.join(self.path, inner)):
-            self._list_add_result(
-                files=files,
-                file_path=f"{config_path.rstrip('/')}/{name}",
-                file_name=name,
-                results_filter=results_filter,
-            )
-        return sorted(set(files))
-
-
-def register_sources() -> None:
-    """Make the ``lsmrecipes://`` scheme known to Hydra (idempotent)."""
-    from hydra._internal.sources_registry import SourcesRegistry
-
-    registry = SourcesRegistry.instance()
-    if RecipeConfigSource.scheme() not in registry.types:
-        registry.register(RecipeConfigSource)
 
 
 register_sources()
@@ -518,6 +426,9 @@ def main() -> None:
     from lsm_train import distributed as dist_utils
 
     register_sources()
+    if "--recipes" in sys.argv[1:]:  # the recipe= values, each with its header's first sentence
+        print(recipes_table())
+        return
     created = False
     torchrun = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
     multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])

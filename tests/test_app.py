@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from lsm_train.app import (
@@ -69,10 +70,108 @@ def run_app(*args, timeout=300):
 def test_recipe_list_matches_the_files():
     assert recipes_dir() == ROOT / "recipes" and conf_dir() == ROOT / "conf"
     assert list_recipes() == RECIPES
-    expected = {"quickstart", "ablation/lsm-modes", "ablation/optuna-search"}
-    for family in ["mlp", "cnn", "dbn", "resnet", "vgg", "alexnet", "vit", "googlenet"]:
-        expected |= {f"zoo/{family}-digits", f"zoo/{family}-cifar10"}
+    expected = {"quickstart", "ablation/lsm-modes", "ablation/optuna-search", "zoo/digits",
+                "zoo/cifar10"}
     assert expected <= set(RECIPES)
+
+
+def test_recipes_flag_lists_every_recipe_file_and_help_shows_them(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lsm_train", "--recipes"], cwd=tmp_path,
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split(None, 1) for line in proc.stdout.splitlines()]
+    assert [r[0] for r in rows] == RECIPES
+    described = dict(rows)  # the first sentence of each recipe's header comment
+    assert described["zoo/digits"].startswith("Any zoo family on scikit-learn's 8x8 digits")
+    assert not list(tmp_path.iterdir())  # nothing composed, no run folder
+    helped = run_app("--help")
+    assert helped.returncode == 0 and "recipe=<name>" in helped.stdout
+    assert all(name in helped.stdout for name in RECIPES)
+
+
+# the settings of the eight former recipes zoo/<family>-digits and zoo/<family>-cifar10
+ZOO_DIGITS = {  # family: (epochs, sched, min_lr_ratio, lr, weight_decay)
+    "mlp": (20, "cosine", 0.0, 3e-3, 1e-4), "alexnet": (20, "cosine", 0.0, 3e-3, 1e-4),
+    "vgg": (20, "cosine", 0.0, 3e-3, 1e-4), "dbn": (20, "cosine", 0.0, 1e-2, 1e-4),
+    "vit": (20, "cosine", 0.0, 2e-3, 0.05), "cnn": (6, "none", None, 3e-3, 1e-4),
+    "resnet": (6, "none", None, 3e-3, 1e-4), "googlenet": (6, "none", None, 3e-3, 1e-4),
+}
+ZOO_CIFAR10 = {  # family: (optimizer, lr, epochs, model options)
+    "mlp": ("AdamW", 1e-3, 30, {"width": 1024, "depth": 3}),
+    "cnn": ("SGD", 0.05, 30, {"channels": [64, 128, 256], "fc_width": 256}),
+    "dbn": ("AdamW", 1e-3, 30, {"sizes": [1024, 512], "visible": "gaussian"}),
+    "resnet": ("SGD", 0.05, 30, {"width": 64, "blocks": [2, 2, 2, 2]}),
+    "vgg": ("SGD", 0.05, 30, {"layout": "vgg11", "width": 64, "fc_width": 512, "dropout": 0.5}),
+    "alexnet": ("SGD", 0.05, 30, {"width": 64, "fc_width": 1024, "batchnorm": True}),
+    "vit": ("AdamW", 1e-3, 50, {"grid": 8, "dim": 256, "depth": 6, "heads": 8}),
+    "googlenet": ("SGD", 0.05, 30, {"width": 1.0, "depth": 9}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(ZOO_DIGITS))
+def test_zoo_digits_gives_each_family_its_own_settings(family):
+    from lsm_train.trainer import build_scheduler
+
+    epochs, sched, floor, lr, wd = ZOO_DIGITS[family]
+    cfg = compose(["recipe=zoo/digits", f"model={family}"], return_hydra_config=True)
+    assert cfg.model.name == family and cfg.data.name == "digits" and cfg.lsm.mode == "both"
+    assert (cfg.trainer.epochs, cfg.optim.lr, cfg.optim.weight_decay) == (epochs, lr, wd)
+    assert cfg.hydra.runtime.choices["tuning@_global_"] == f"zoo/digits/{family}"
+    assert cfg.trainer.monitor_every_n_steps == 25 and cfg.trainer.num_threads == 1
+    if sched == "cosine":
+        assert (cfg.sched.name, cfg.sched.min_lr_ratio) == ("cosine", floor)
+        return
+    # a constant lr, as the former recipe's sched=none: the cosine floor is lr itself
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=lr)
+    scheduler = build_scheduler(opt, cfg.sched, total_steps=50)
+    lrs = []
+    for _ in range(50):
+        opt.step()
+        scheduler.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == [lr] * 50
+
+
+def test_zoo_digits_family_settings_of_vit_and_dbn():
+    vit = compose(["recipe=zoo/digits", "model=vit"])
+    assert (vit.model.kwargs.dropout, vit.sched.warmup_steps) == (0.1, 50)
+    dbn = compose(["recipe=zoo/digits", "model=dbn"])
+    assert dict(dbn.trainer.pretrain) == {"epochs": 3, "k": 1, "lr": 0.01, "batch_size": 64}
+
+
+@pytest.mark.parametrize("family", sorted(ZOO_CIFAR10))
+def test_zoo_cifar10_gives_each_family_its_own_settings(family):
+    optimizer, lr, epochs, options = ZOO_CIFAR10[family]
+    cfg = compose(["recipe=zoo/cifar10", f"model={family}"])
+    validate_config(cfg)
+    assert cfg.optim._target_ == f"torch.optim.{optimizer}" and cfg.optim.lr == lr
+    if optimizer == "SGD":
+        assert (cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay) == (0.9, True,
+                                                                                   5e-4)
+    else:
+        assert "momentum" not in cfg.optim
+    assert cfg.trainer.epochs == epochs and cfg.sched.name == "cosine"
+    assert {k: cfg.model.kwargs[k] for k in options} == options
+    assert (cfg.data.name, cfg.data.batch_size, cfg.data.augment) == ("cifar10", 128, True)
+    assert (cfg.lsm.monitor.probe_size, cfg.lsm.guard.probe_size) == (1024, 512)
+
+
+def test_a_family_file_applies_to_its_recipe_only_and_the_command_line_wins():
+    assert compose(["recipe=quickstart", "model=cnn"]).trainer.epochs == 15  # quickstart's
+    cfg = compose(["recipe=zoo/digits", "model=cnn", "trainer.epochs=2", "sched.min_lr_ratio=0"])
+    assert (cfg.trainer.epochs, cfg.sched.min_lr_ratio) == (2, 0.0)
+
+
+def test_a_recipe_folder_of_ones_own_through_the_search_path(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "tiny.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: cnn\ntrainer:\n  epochs: 2\n")
+    cfg = compose(["recipe=mine/tiny",
+                   f"hydra.searchpath=[lsmrecipes://builtin,lsmrecipes://{tmp_path}]"])
+    assert (cfg.model.name, cfg.trainer.epochs) == ("cnn", 2)
+    assert compose(["recipe=zoo/digits",  # the built-in ones stay
+                    f"hydra.searchpath=[lsmrecipes://builtin,lsmrecipes://{tmp_path}]"])
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -104,9 +203,10 @@ def test_switching_the_model_of_a_recipe_keeps_that_models_own_options():
 
 
 def test_recipes_win_over_groups_and_command_line_wins_over_recipes():
-    cfg = compose(["recipe=zoo/cnn-digits"])
+    cfg = compose(["recipe=zoo/digits", "model=cnn"])
     assert cfg.model.name == "cnn" and list(cfg.model.kwargs.channels) == [16, 32]
-    cfg = compose(["recipe=zoo/cnn-digits", "lsm=off", "trainer.epochs=2", "model=resnet"])
+    assert cfg.trainer.epochs == 6  # conf/tuning/zoo/digits/cnn.yaml wins over the recipe
+    cfg = compose(["recipe=zoo/digits", "lsm=off", "trainer.epochs=2", "model=resnet"])
     assert (cfg.lsm.mode, cfg.trainer.epochs, cfg.model.name) == ("off", 2, "resnet")
 
 
@@ -137,30 +237,30 @@ def test_default_recipe_full_run(tmp_path):
     assert last["val/acc"] > 0.9
 
 
-ZOO_DIGITS = [r for r in RECIPES if r.startswith("zoo/") and r.endswith("-digits")]
+ZOO_FAMILIES = ["mlp", "cnn", "dbn", "resnet", "vgg", "alexnet", "vit", "googlenet"]
 
 
-@pytest.mark.parametrize("recipe", ZOO_DIGITS)
-def test_zoo_digits_recipe_runs_with_debug_smoke(tmp_path, recipe):
-    cfg = compose([f"recipe={recipe}", "debug=smoke", *FAST])
-    res = train_from_config(cfg, tmp_path, recipe=recipe)
+@pytest.mark.parametrize("family", ZOO_FAMILIES)
+def test_zoo_digits_recipe_runs_with_debug_smoke(tmp_path, family):
+    cfg = compose(["recipe=zoo/digits", f"model={family}", "debug=smoke", *FAST])
+    res = train_from_config(cfg, tmp_path, recipe="zoo/digits")
     assert res.status == "completed" and res.step == 3
     records = read_metrics(tmp_path)
     layer_keys = [k for k in records[-1] if k.startswith("lsm/") and k != "lsm/mean"]
     assert layer_keys and all(0.0 <= records[-1][k] <= 1.0 for k in layer_keys)
     assert (tmp_path / "summary.png").is_file()
-    if recipe == "zoo/dbn-digits":  # the RBM stack is pretrained before step 0
+    if family == "dbn":  # the RBM stack is pretrained before step 0
         assert records[0]["step"] == 0 and records[0]["pretrain/recon_error_1"] > 0
 
 
 def test_wandb_settings_group_tags_and_resolved_config(tmp_path):
-    cfg = compose(["recipe=zoo/mlp-digits", "tags=[mine]"])
-    w = _wandb_settings(cfg, "zoo/mlp-digits", None, None)
-    assert w["group"] == "zoo/mlp-digits" and w["job_type"] == "train"
+    cfg = compose(["recipe=zoo/digits", "tags=[mine]"])
+    w = _wandb_settings(cfg, "zoo/digits", None, None)
+    assert w["group"] == "zoo/digits" and w["job_type"] == "train"
     assert {"mine", "mlp", "digits", "lsm-both"} <= set(w["tags"])  # command line wins
-    assert "zoo" in _wandb_settings(compose(["recipe=zoo/mlp-digits"]), "r", None, None)["tags"]
+    assert "zoo" in _wandb_settings(compose(["recipe=zoo/digits"]), "r", None, None)["tags"]
     assert w["mode"] == "offline" and "${" not in repr(w["config"])  # resolved
-    assert w["config"]["recipe"] == "zoo/mlp-digits"
+    assert w["config"]["recipe"] == "zoo/digits"
     assert _wandb_settings(cfg, "r", "2026-01-01_00-00-00_000001", None)["group"] == (
         "r/2026-01-01_00-00-00_000001"  # one group per sweep
     )
@@ -303,19 +403,30 @@ def test_mnist_and_cifar10_files_run_through_the_app(tmp_path):
     from test_data import make_cifar, make_mnist
 
     make_mnist(tmp_path / "data", n_train=40, n_test=10)
-    cfg = compose(["recipe=zoo/cnn-digits", "data=mnist", f"data.root={tmp_path / 'data'}",
-                   "debug=smoke", "data.batch_size=8", *FAST])
+    cfg = compose(["recipe=zoo/digits", "model=cnn", "data=mnist",
+                   f"data.root={tmp_path / 'data'}", "debug=smoke", "data.batch_size=8", *FAST])
     with pytest.warns(RuntimeWarning, match="cross-fitting needs at least 2 classes"):
-        res = train_from_config(cfg, tmp_path / "mnist", recipe="zoo/cnn-digits")
+        res = train_from_config(cfg, tmp_path / "mnist", recipe="zoo/digits")
     assert res.status == "completed" and res.step == 3
     last = read_metrics(tmp_path / "mnist")[-1]
     # 10 test images, one per class: too few to cross-fit, logged as null, training goes on
     assert last["val_lsm/fc.act"] is None and last["lsm/fc.act"] is not None
     make_cifar(tmp_path / "data", per_batch=8, n_test=8)
-    cfg = compose(["recipe=zoo/resnet-digits", "data=cifar10", f"data.root={tmp_path / 'data'}",
+    cfg = compose(["recipe=zoo/digits", "model=resnet", "data=cifar10",
+                   f"data.root={tmp_path / 'data'}",
                    "data.augment=true", "debug=smoke", "data.batch_size=8", *FAST])
-    res = train_from_config(cfg, tmp_path / "cifar", recipe="zoo/resnet-digits")
+    res = train_from_config(cfg, tmp_path / "cifar", recipe="zoo/digits")
     assert res.status == "completed" and res.step == 3
+
+
+def test_a_mistyped_data_key_is_a_setup_error_naming_it(tmp_path):
+    from lsm_train.app import SetupError
+
+    cfg = compose(["+data.tset_fraction=0.3", "debug=smoke", *FAST])
+    with pytest.raises(SetupError, match=r"data=digits: unknown option\(s\) \['tset_fraction'\]; "
+                                         r"accepted: test_fraction, split_seed"):
+        train_from_config(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_cuda_requested_without_cuda_is_a_clear_error(tmp_path):

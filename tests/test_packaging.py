@@ -55,7 +55,8 @@ def test_wheel_and_sdist_hold_the_package_conf_and_recipes(dists):
     for path in ("lsm_train/app.py", "lsm_train/integrations/lightning.py",
                  "lsm_train/conf/config.yaml", "lsm_train/conf/data/mnist5k.yaml",
                  "lsm_train/conf/model/mlp.yaml", "lsm_train/recipes/quickstart.yaml",
-                 "lsm_train/recipes/zoo/mlp-digits.yaml"):
+                 "lsm_train/recipes/zoo/digits.yaml",
+                 "lsm_train/conf/tuning/zoo/digits/vit.yaml"):
         assert path in names, path
     assert not any(n.startswith(("tests/", "conf/", "recipes/")) for n in names)
     members = tarfile.open(sdist).getnames()
@@ -85,6 +86,14 @@ def test_lsm_train_runs_from_the_wheel_alone(dists):
     _run([str(script), "debug=smoke", "lsm=monitor", "logger=none", "trainer.progress=false",
           "trainer.plots=false", f"hydra.run.dir={work / 'run'}"], cwd=work, env=env)
     assert (work / "run" / "metrics.jsonl").is_file()
+
+
+def test_the_package_uses_public_hydra_api_only():
+    """Hydra's ``_internal`` modules change without notice between releases."""
+    root = Path(__file__).resolve().parent.parent
+    users = [p.relative_to(root).as_posix() for p in (root / "lsm_train").rglob("*.py")
+             if "hydra._internal" in p.read_text(encoding="utf-8")]
+    assert users == []
 
 
 def test_every_subpackage_is_in_the_explicit_package_list():

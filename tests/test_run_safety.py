@@ -422,7 +422,7 @@ def test_an_unknown_recipe_lists_the_recipes_and_exits_2(monkeypatch, capsys, tm
     monkeypatch.chdir(tmp_path)
     assert _run_main(monkeypatch, "recipe=zoo/nope") == 2
     err = capsys.readouterr().err
-    assert "unknown recipe zoo/nope" in err and "zoo/mlp-digits" in err and "quickstart" in err
+    assert "unknown recipe zoo/nope" in err and "zoo/digits" in err and "quickstart" in err
     assert not (tmp_path / "outputs").exists()
 
 

@@ -114,3 +114,28 @@ def test_a_multirun_under_torchrun_is_refused(monkeypatch, capsys):
         main()
     assert exc.value.code == 2
     assert "multirun cannot run under torchrun" in capsys.readouterr().err
+
+
+def test_a_sweep_over_the_model_of_the_zoo_recipe_gives_each_job_its_family(
+        tmp_path, monkeypatch):
+    from lsm_train.app import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(sys, "argv", [
+        "lsm-train", "-m", "recipe=zoo/digits", "model=cnn,vit", "debug=smoke", "lsm=off",
+        "logger=none", "trainer.progress=false", "trainer.plots=false",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ])
+    main()
+    jobs = {}
+    for job in sorted((tmp_path / "sweep").iterdir()):
+        if job.is_dir() and job.name.isdigit():
+            cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
+            jobs[cfg.model.name] = cfg
+            assert read_metrics(job)[-1]["step"] == 3
+    assert sorted(jobs) == ["cnn", "vit"]
+    # debug=smoke sets trainer.epochs; the families' own values show in sched and optim
+    assert (jobs["cnn"].sched.min_lr_ratio, jobs["cnn"].optim.lr) == (1.0, 3e-3)
+    assert (jobs["vit"].sched.min_lr_ratio, jobs["vit"].optim.lr) == (0.0, 2e-3)
+    assert jobs["vit"].model.kwargs.dropout == 0.1 and "dropout" not in jobs["cnn"].model.kwargs

@@ -140,9 +140,9 @@ def test_multirun_jobs_get_distinct_deterministic_names(tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="0")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, "-m", "lsm_train", "-m", "recipe=zoo/cnn-digits", "debug=smoke",
-         "lsm=off", "optim.lr=0.1,0.01", "trainer.progress=false", "trainer.plots=false",
-         f"hydra.sweep.dir={tmp_path}"],
+        [sys.executable, "-m", "lsm_train", "-m", "recipe=zoo/digits", "model=cnn",
+         "debug=smoke", "lsm=off", "optim.lr=0.1,0.01", "trainer.progress=false",
+         "trainer.plots=false", f"hydra.sweep.dir={tmp_path}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
