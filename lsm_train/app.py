@@ -45,6 +45,7 @@ from lsm_train.recipe_source import (
     recipes_dir,
     recipes_table,
     register_sources,
+    tuning_conflicts,
 )
 
 __all__ = [
@@ -377,6 +378,9 @@ def _hydra_task(cfg: DictConfig) -> float | None:
         sys.exit(status)
 
     try:
+        conflicts = tuning_conflicts(hc.runtime.choices, hc.overrides.task)
+        if conflicts:
+            raise SetupError("; ".join(conflicts))
         result = train_from_config(cfg, run_dir, recipe=recipe, sweep=sweep)
     except SetupError as err:
         remove_if_only_hydra_files(run_dir)

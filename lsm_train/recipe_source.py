@@ -17,7 +17,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from hydra.core.object_type import ObjectType
 from hydra.core.plugins import Plugins
@@ -25,7 +27,7 @@ from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSou
 from omegaconf import OmegaConf
 
 __all__ = ["conf_dir", "recipes_dir", "list_recipes", "recipe_summary", "recipes_table",
-           "RecipeConfigSource", "register_sources"]
+           "RecipeConfigSource", "register_sources", "tuning_conflicts"]
 
 _PKG = Path(__file__).resolve().parent
 
@@ -148,6 +150,25 @@ class RecipeConfigSource(ConfigSource):
                 results_filter=results_filter,
             )
         return sorted(set(files))
+
+
+def tuning_conflicts(choices: Mapping[str, Any], overrides: Iterable[str]) -> list[str]:
+    """The config groups chosen on the command line (``optim=adam``) whose ``_target_``
+    the applied family file ``conf/tuning/<recipe>/<model>.yaml`` replaces; one message
+    each (the family file is applied after the group, so the choice would be lost)."""
+    tuning = choices.get("tuning@_global_")
+    path = conf_dir() / "tuning" / f"{tuning}.yaml"
+    if not tuning or not path.is_file():
+        return []
+    sections = OmegaConf.to_container(OmegaConf.load(path))
+    chosen = {o.lstrip("+~").partition("=")[0] for o in overrides if "=" in o}
+    return [
+        f"{group}={choices.get(group)} is replaced by {path.relative_to(conf_dir().parent)}, "
+        f"which sets {group}._target_={section['_target_']} for this family; override its "
+        f"values instead ({group}.lr=...), or start from another recipe"
+        for group, section in (sections or {}).items()
+        if isinstance(section, dict) and "_target_" in section and group in chosen
+    ]
 
 
 def register_sources() -> None:

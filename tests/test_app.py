@@ -210,6 +210,28 @@ def test_recipes_win_over_groups_and_command_line_wins_over_recipes():
     assert (cfg.lsm.mode, cfg.trainer.epochs, cfg.model.name) == ("off", 2, "resnet")
 
 
+def test_a_group_choice_that_a_family_file_replaces_is_named_not_lost():
+    from lsm_train.recipe_source import tuning_conflicts
+
+    overrides = ["recipe=zoo/cifar10", "model=resnet", "optim=adam"]
+    cfg = compose(overrides, return_hydra_config=True)
+    (msg,) = tuning_conflicts(cfg.hydra.runtime.choices, cfg.hydra.overrides.task)
+    assert "optim=adam" in msg and "conf/tuning/zoo/cifar10/resnet.yaml" in msg
+    assert "torch.optim.SGD" in msg
+    ok = compose(overrides[:2] + ["optim.lr=0.1"], return_hydra_config=True)
+    assert tuning_conflicts(ok.hydra.runtime.choices, ok.hydra.overrides.task) == []
+    plain = compose(["recipe=zoo/digits", "model=mlp", "optim=sgd"], return_hydra_config=True)
+    assert tuning_conflicts(plain.hydra.runtime.choices, plain.hydra.overrides.task) == []
+
+
+def test_the_app_refuses_a_group_choice_a_family_file_would_replace(tmp_path):
+    proc = run_app("recipe=zoo/cifar10", "model=resnet", "optim=adam", "logger=none",
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "optim=adam is replaced by conf/tuning/zoo/cifar10/resnet.yaml" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 # ----------------------------------------------------------------------------- run
 
 
