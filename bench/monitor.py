@@ -4,6 +4,8 @@
     .venv/bin/python bench/monitor.py --quick    # n <= 1,024, d <= 512, two zoo families
     .venv/bin/python bench/monitor.py --only gap # just the gap table
     .venv/bin/python bench/monitor.py --only time --n 1024 --d 512
+    .venv/bin/python bench/monitor.py --only time --clock cpu   # on a machine shared with others
+    .venv/bin/python bench/monitor.py --only gap --families vgg
 
 (a) Per-layer cost of ``layer_separability(H, y, method="fisher")`` and of
     ``method="degree"`` (pairwise, 10 classes) at n = 512, 1,024, 4,096 and d = 64, 512,
@@ -17,7 +19,10 @@
     cross-fitted: mean and worst over layers, and the largest value of ``fisher − degree``
     (the fast score is a lower bound of the in-sample degree; any positive value is shown).
 
-Timings are wall-clock on whatever else the machine runs: compare the columns of one run.
+Timings are wall-clock (``--clock wall``) on whatever else the machine runs: compare the
+columns of one run. ``--clock cpu`` times the CPU time of this process instead
+(``time.process_time``; one torch thread), which other jobs on the machine inflate far less
+than the wall clock; it is meaningless on a GPU.
 """
 
 from __future__ import annotations
@@ -61,20 +66,23 @@ def classes(n: int, d: int, k: int = 10, seed: int = 0, device: str = "cpu"):
     return H.to(device), y.to(device)
 
 
-def seconds(fn, repeats: int) -> float:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def seconds(fn, repeats: int, clock=time.perf_counter) -> float:
     times = []
     for _ in range(repeats):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times)
 
 
-def timing_table(ns, ds, repeats: int, device: str) -> None:
+def timing_table(ns, ds, repeats: int, device: str, clock=time.perf_counter) -> None:
     H, y = classes(256, 32, device=device)
     for method in ("fisher", "degree"):  # warm-up (first calls load kernels)
         lt.layer_separability(H, y, method=method, holdout=0.5)
@@ -91,10 +99,11 @@ def timing_table(ns, ds, repeats: int, device: str) -> None:
             for holdout in (None, 0.5):
                 layout = FisherLayout(y, "pairwise", holdout, 0, device=H.device)
                 fast = seconds(lambda H=H, y=y, h=holdout: lt.layer_separability(
-                    H, y, method="fisher", holdout=h), repeats)
-                mon = seconds(lambda H=H, lay=layout: score_sets([({"h": H}, lay)]), repeats)
+                    H, y, method="fisher", holdout=h), repeats, clock)
+                mon = seconds(lambda H=H, lay=layout: score_sets([({"h": H}, lay)]), repeats,
+                              clock)
                 full = seconds(lambda H=H, y=y, h=holdout: lt.layer_separability(
-                    H, y, method="degree", holdout=h), 1)
+                    H, y, method="degree", holdout=h), 1, clock)
                 row.append(f"{fast * 1e3:8.1f} {mon * 1e3:8.1f} {full * 1e3:9.1f} "
                            f"{full / fast:6.1f}x")
             print(f"{n:>6} {d:>6} | {row[0]} | {row[1]}", flush=True)
@@ -153,16 +162,18 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--n", type=int, nargs="*", help="sample sizes (default: the issue's)")
     p.add_argument("--d", type=int, nargs="*", help="widths (default: the issue's)")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall")
+    p.add_argument("--families", nargs="*", help="zoo families of the gap table (default: all)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(machine())
+    print(machine(), f"; clock: {args.clock}")
     if args.only != "gap":
         ns, ds = ((512, 1024), (64, 512)) if args.quick else ((512, 1024, 4096), (64, 512, 2048))
-        timing_table(args.n or ns, args.d or ds, args.repeats, args.device)
+        timing_table(args.n or ns, args.d or ds, args.repeats, args.device, CLOCKS[args.clock])
     if args.only != "time":
         fams = ("mlp", "cnn") if args.quick else (
             "mlp", "cnn", "dbn", "resnet", "vgg", "alexnet", "vit", "googlenet")
-        gap_table(fams, 512)
+        gap_table(args.families or fams, 512)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The fast Fisher layer score against independent references: a numpy shrunk-Fisher
 direction with scikit-learn's Ledoit–Wolf and ROC AUC, a brute-force pair count (ties),
-the exact 2-D degree, and the full degree on zoo layers."""
+the exact 2-D degree, numpy's float64 solve for the float32 factorization, and the full
+degree on zoo layers."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from sklearn.covariance import ledoit_wolf_shrinkage
 from sklearn.metrics import roc_auc_score
 
 import lsm_train as lt
+import lsm_train.measures.fisher as fisher_mod
 from lsm_train.measures.fisher import (
     ALPHA_MIN,
     FisherLayout,
@@ -19,6 +21,15 @@ from lsm_train.measures.fisher import (
     pair_scores,
     pair_values,
 )
+
+FACTORIZATIONS = {"lu": True, "cholesky": False}  # the CPU's and the accelerators' solver
+
+
+@pytest.fixture(params=list(FACTORIZATIONS))
+def factorization(request, monkeypatch):
+    """Run a test with each factorization (the accelerators' Cholesky on the CPU too)."""
+    monkeypatch.setattr(fisher_mod, "_use_lu", lambda device: FACTORIZATIONS[request.param])
+    return request.param
 
 
 def blobs(n_per, k, d, spread, seed=0):
@@ -51,11 +62,15 @@ def brute_auc(A, B, w):
     return float(((diff > 0) + 0.5 * (diff == 0)).mean())
 
 
-@pytest.mark.parametrize("d", [3, 40])  # 40 > rows: the n × n Woodbury dual
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("d", [3, 80])  # 80 > rows + 10 · classes: the n × n Woodbury dual
 @pytest.mark.parametrize("scheme", ["pairwise", "ovr"])
-def test_in_sample_equals_sklearn_auc_of_the_shrunk_fisher_direction(scheme, d):
+def test_in_sample_equals_sklearn_auc_of_the_shrunk_fisher_direction(scheme, d, dtype,
+                                                                      factorization):
     X, y = blobs(8, 3, d, 1.0, seed=d)
-    _, det = lt.layer_separability(X, y, method="fisher", scheme=scheme, return_details=True)
+    X = X.astype(dtype).astype(np.float64)  # the reference sees the same values
+    H = torch.tensor(X, dtype=torch.float32 if dtype == np.float32 else torch.float64)
+    _, det = lt.layer_separability(H, y, method="fisher", scheme=scheme, return_details=True)
     V = reference_directions(X, y, [0, 1, 2])
     for (i, j), value in det["pairs"].items():
         if j == "rest":
@@ -65,6 +80,46 @@ def test_in_sample_equals_sklearn_auc_of_the_shrunk_fisher_direction(scheme, d):
         else:
             w, B = V[i] - V[j], X[y == j]
         assert value == pytest.approx(reference_auc(X[y == i], B, w, True), abs=1e-12)
+        gap = np.diff(np.sort(np.r_[X[y == i] @ w, B @ w]))
+        assert gap.min() > 1e-4 * np.abs(B @ w).max()  # no near-tie: float32 cannot flip it
+
+
+def _conditioned_gram(s, cond, seed=0):
+    """A float32 PSD matrix with eigenvalues spread over ``cond`` (float32 entries)."""
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.normal(size=(s, s)))
+    return torch.tensor((Q * np.geomspace(1.0, 1.0 / cond, s)) @ Q.T, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("s", [40, 300])  # 300: the Gram matrix of a wide layer
+def test_float32_factorization_is_refined_to_the_float64_solve(s, factorization):
+    """c·G + λI with a float32 G of condition ~10⁴: the refinement brings the float32
+    factorization to numpy's float64 solve of the same (exactly represented) system;
+    without it the error is that of float32 (~cond · 2⁻²⁴)."""
+    G = _conditioned_gram(s, 1e4)[None].repeat(2, 1, 1)
+    c = torch.tensor([0.9, 0.5], dtype=torch.float64)
+    lam = torch.tensor([1e-5, 1e-4], dtype=torch.float64)
+    b = torch.tensor(np.random.default_rng(1).normal(size=(2, s, 4)))
+    ref = np.linalg.solve(c.numpy()[:, None, None] * G.double().numpy()
+                          + lam.numpy()[:, None, None] * np.eye(s), b.numpy())
+    for steps, tol in ((fisher_mod.REFINE_STEPS, 1e-9), (0, None)):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fisher_mod, "REFINE_STEPS", steps)
+            x, info = fisher_mod._shrunk_solve(G.clone(), G.double(), c, lam, b)
+        err = np.abs(x.numpy() - ref).max() / np.abs(ref).max()
+        assert info.tolist() == [0, 0]
+        assert err < tol if tol else err > 1e-7  # the refinement is what makes it exact
+
+
+def test_float32_features_score_as_their_float64_values(factorization):
+    """Primal and dual, in-sample and cross-fitted: float32 features (Gram matrix and
+    factorization in float32, refined) give the values of the same features in float64."""
+    for d in (30, 400):
+        X, y = blobs(60, 4, d, 0.3, seed=d)
+        H = torch.tensor(X, dtype=torch.float32)
+        for holdout in (None, 0.5):
+            layout = FisherLayout(torch.tensor(y), "pairwise", holdout, seed=1)
+            assert torch.equal(fisher_values(H, layout), fisher_values(H.double(), layout))
 
 
 def test_cross_fitted_reference_by_hand():
@@ -112,7 +167,7 @@ def test_in_sample_is_a_lower_bound_of_the_exact_2d_degree():
         assert 0.5 <= value <= brute_degree_2d(X[y == i], X[y == j]) + 1e-12
 
 
-def test_layers_in_one_batch_equal_one_at_a_time():
+def test_layers_in_one_batch_equal_one_at_a_time(factorization):
     X, y = blobs(20, 4, 6, 0.8, seed=12)
     layers = [torch.tensor(X), torch.tensor(X[:, :3] * 5.0), torch.tensor(np.tanh(X))]
     for holdout in (None, 0.5):

@@ -1,8 +1,9 @@
 """Lightning: SeparabilityMonitor logs lsm/<layer> through the Trainer's loggers, and
 SeparabilityGuard returned from configure_optimizers runs under a real lightning.Trainer
 (closure once, global step, checkpoint resume, bf16-mixed on the CPU), with LSMLoss inside
-training_step. References: a plain-optimizer Lightning run, an uninterrupted run, and
-layer_separability computed here on HiddenCapture features."""
+training_step; with method="fisher" the monitor scores all layers in one batched pass.
+References: a plain-optimizer Lightning run, an uninterrupted run, and layer_separability
+computed here on HiddenCapture features."""
 
 from __future__ import annotations
 
@@ -214,3 +215,78 @@ def test_monitor_probes_a_model_with_two_inputs():
         monitor = SeparabilityMonitor(probe=(inputs, PROBE[1]), batch_size=50)
         scores = monitor.measure(module)
         assert monitor.names == ["body.1"] and scores["body.1"] == pytest.approx(ref, abs=1e-6)
+
+
+class Counting:
+    """Wraps a function and records its calls' arguments."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.calls = fn, []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self.fn(*args, **kwargs)
+
+
+def test_fisher_monitor_scores_all_layers_in_one_batched_pass(tmp_path, monkeypatch):
+    """method="fisher": per measurement one probe forward for all layers and one
+    score_sets call with every layer and the label layout built at the first measurement;
+    the logged values are layer_separability(method="fisher") of each layer."""
+    import lsm_train.measures.fisher as fisher
+    import lsm_train.monitor as monitor_mod
+
+    layout_class = fisher.FisherLayout
+    layouts = Counting(layout_class)
+    monkeypatch.setattr(fisher, "FisherLayout", layouts)
+    scored = Counting(monitor_mod.score_sets)
+    monkeypatch.setattr(monitor_mod, "score_sets", scored)
+    module = LitMLP()
+    probe_forwards = []
+    module.register_forward_pre_hook(lambda m, a: probe_forwards.append(1) if not m.training
+                                     else None)
+    monitor = SeparabilityMonitor(probe=PROBE, every_n_steps=3, method="fisher")
+    memory = MemoryLogger()
+    fit(module, 6, tmp_path, logger=[memory], callbacks=[monitor])
+    assert [s for s, m in memory.rows if "lsm/model.2" in m] == [0, 3, 6]
+    assert len(probe_forwards) == 3 and len(layouts.calls) == 1 and len(scored.calls) == 3
+    for (sets,), _ in scored.calls:
+        ((feats, layout),) = sets
+        assert list(feats) == ["model.2", "model.4"] and isinstance(layout, layout_class)
+    module.eval()
+    with lt.HiddenCapture(module, monitor.names) as feats, torch.no_grad():
+        module(PROBE[0])
+    for name in monitor.names:
+        ref = lt.layer_separability(feats[name], PROBE[1], method="fisher", holdout=0.5)
+        assert monitor.last[name] == pytest.approx(ref, abs=1e-12)
+
+
+class LitConv(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                                   nn.Linear(6 * 64, 10))
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def test_fisher_monitor_reduces_conv_maps_like_layer_separability():
+    module = LitConv()
+    monitor = SeparabilityMonitor(probe=PROBE, layers=["model.1"], method="fisher",
+                                  batch_size=50)
+    scores = monitor.measure(module)
+    with lt.HiddenCapture(module, ["model.1"]) as feats, torch.no_grad():
+        module(PROBE[0])
+    assert feats["model.1"].ndim == 4  # the reference reduces the map itself
+    ref = lt.layer_separability(feats["model.1"], PROBE[1], method="fisher", holdout=0.5)
+    assert scores["model.1"] == pytest.approx(ref, abs=1e-12)
+
+
+def test_fisher_monitor_warns_and_logs_nan_when_the_probe_cannot_be_cross_fitted():
+    probe = (X[:5], torch.arange(5))  # five classes of one sample each
+    monitor = SeparabilityMonitor(probe=probe, method="fisher")
+    with pytest.warns(RuntimeWarning, match="not computed"):
+        scores = monitor.measure(LitMLP())
+    assert monitor.names == ["model.2", "model.4"]
+    assert all(v != v for v in scores.values())  # NaN

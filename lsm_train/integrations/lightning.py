@@ -9,7 +9,11 @@ LightningModule on a fixed probe set, in eval mode without gradients, and logs
 ``lsm/<layer>`` (and ``lsm/mean``) through every logger of the Trainer (CSV, TensorBoard,
 wandb, ...) at ``trainer.global_step``, from global rank 0. Layers resolve against the
 LightningModule itself (``"model.blocks.0"`` for a network stored as ``self.model``);
-``None`` takes ``hidden_layers`` or the automatic choice.
+``None`` takes ``hidden_layers`` or the automatic choice. Every measurement is one forward
+pass over the probe (in batches) for all layers; with ``method="fisher"`` (the trainer's
+fast monitor, docs/monitor.md) the features stay on the module's device, the probe labels
+are laid out once, and all layers are scored in one batched pass with one host read
+(:func:`lsm_train.monitor.score_sets`).
 
 ``SeparabilityGuard`` and ``LSMLoss`` need nothing from this module: return the guard from
 ``configure_optimizers`` (build any scheduler on the guard, not on the inner optimizer) and
@@ -18,6 +22,7 @@ add ``LSMLoss`` to the loss in ``training_step``; see docs/integrations.md.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -31,8 +36,12 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     ) from err
 
 from lsm_train.capture import HiddenCapture, resolve_layers
+from lsm_train.features import reduce_features
+from lsm_train.probe import eval_mode
 
-__all__ = ["SeparabilityMonitor"]
+__all__ = ["METHODS", "SeparabilityMonitor"]
+
+METHODS = ("degree", "fisher", "margin", "soft")
 
 
 class SeparabilityMonitor(Callback):
@@ -45,8 +54,9 @@ class SeparabilityMonitor(Callback):
             returning such a pair (called once, at the first measurement).
         every_n_steps: measure when ``trainer.global_step`` is a multiple of this (>= 1).
         layers: names / patterns / classes as for :class:`~lsm_train.HiddenCapture`.
-        method: ``"degree"`` (default), ``"margin"`` or ``"soft"``.
-        holdout: cross-fitting fraction for the degree (None: in-sample).
+        method: ``"degree"`` (default), ``"fisher"`` (fast, batched), ``"margin"`` or
+            ``"soft"``.
+        holdout: cross-fitting fraction for the degree and fisher (None: in-sample).
         batch_size: probe batch size of the forward passes.
         prefix: metric name prefix.
     """
@@ -65,8 +75,8 @@ class SeparabilityMonitor(Callback):
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) \
                 or every_n_steps < 1:
             raise ValueError(f"every_n_steps: expected an integer >= 1, got {every_n_steps!r}")
-        if method not in ("degree", "margin", "soft"):
-            raise ValueError(f"method: expected degree, margin or soft, got {method!r}")
+        if method not in METHODS:
+            raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
         if not callable(probe) and not (isinstance(probe, (tuple, list)) and len(probe) == 2):
             raise ValueError(
                 "probe: expected an (inputs, labels) pair or a callable returning one, got "
@@ -76,13 +86,14 @@ class SeparabilityMonitor(Callback):
         self.every_n_steps = every_n_steps
         self.layers = layers
         self.method = method
-        self.holdout = holdout if method == "degree" else None
+        self.holdout = holdout if method in ("degree", "fisher") else None
         self.batch_size = int(batch_size)
         self.prefix = prefix
         self.names: list[str] = []
         self.last: dict[str, float] = {}
         self.history: list[tuple[int, dict[str, float]]] = []
         self._measured_at: int | None = None
+        self._layout: Any = None  # fisher: the probe labels laid out (False: cannot be)
 
     # -- Lightning hooks ------------------------------------------------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -132,20 +143,37 @@ class SeparabilityMonitor(Callback):
             self.names = resolve_layers(pl_module, self.layers)
         x, y = self._probe_pair()
         device = next(pl_module.parameters()).device
-        flags = {m: m.training for m in pl_module.modules()}
-        pl_module.eval()
         parts: dict[str, list[torch.Tensor]] = {name: [] for name in self.names}
-        try:
-            with HiddenCapture(pl_module, self.names) as feats:
-                for start in range(0, len(y), self.batch_size):
-                    _call(pl_module, x, slice(start, start + self.batch_size), device)
-                    for name in self.names:
-                        parts[name].append(feats[name].float().cpu())
-        finally:
-            for module, flag in flags.items():
-                module.training = flag
+        with eval_mode(pl_module), HiddenCapture(pl_module, self.names) as feats:
+            for start in range(0, len(y), self.batch_size):
+                _call(pl_module, x, slice(start, start + self.batch_size), device)
+                for name in self.names:  # (n, d) as reduce="auto", on the device
+                    parts[name].append(reduce_features(feats[name].float()))
         features = {name: torch.cat(chunks) for name, chunks in parts.items()}
+        if self.method == "fisher":
+            return self._fisher_scores(features, y.to(device))
+        features = {name: H.cpu() for name, H in features.items()}
         return score_layers(features, y.cpu(), method=self.method, holdout=self.holdout)
+
+    def _fisher_scores(self, features: dict[str, torch.Tensor],
+                       y: torch.Tensor) -> dict[str, float]:
+        """All layers in one batched pass on the features' device, one host read; the
+        label layout is built at the first call. NaN (with a warning) when the probe
+        labels cannot be cross-fitted."""
+        from lsm_train.measures.fisher import FisherLayout
+        from lsm_train.monitor import score_sets
+
+        if self._layout is None:
+            try:
+                self._layout = FisherLayout(y, "pairwise", self.holdout, 0, device=y.device)
+            except ValueError as err:
+                warnings.warn(f"MD-LSM not computed: {err}", RuntimeWarning, stacklevel=3)
+                self._layout = False
+        if self._layout is False:
+            return {name: float("nan") for name in features}
+        if self._layout.device != y.device:
+            self._layout.to(y.device)
+        return score_sets([(features, self._layout)])[0][0]
 
 
 def _call(module: torch.nn.Module, inputs: Any, rows: slice, device: torch.device) -> Any:
