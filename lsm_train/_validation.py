@@ -86,7 +86,9 @@ def check_points(x: Any, name: str, *, min_rows: int = 1) -> torch.Tensor:
             f"{name}: expected points with at least one coordinate, got shape {tuple(t.shape)}"
         )
     t = _as_float(t)
-    if not bool(torch.isfinite(t).all()):
+    # a finite sum proves every entry finite (one reduction, no n x d mask); an infinite
+    # or NaN sum (a non-finite entry, or an overflow of large finite ones) checks exactly
+    if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).any(dim=1).sum())
         raise ValueError(f"{name}: expected finite values, found NaN or inf in {bad} row(s)")
     return t

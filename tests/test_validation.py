@@ -46,3 +46,15 @@ def test_one_definition_of_the_schemes():
     from lsm_train.measures import soft
 
     assert soft.SCHEMES is v.SCHEMES
+
+
+def test_check_points_large_finite_values_pass_and_non_finite_are_found():
+    import torch
+
+    big = torch.full((4, 3), 3e38)  # the float32 sum overflows; every entry is finite
+    assert v.check_points(big, "H").shape == (4, 3)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.ones(4, 3)
+        x[2, 1] = bad
+        with pytest.raises(ValueError, match=r"H: expected finite values, .* in 1 row"):
+            v.check_points(x, "H")
