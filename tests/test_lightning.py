@@ -153,7 +153,7 @@ class MemoryLogger(Logger):
 
 def test_monitor_logs_lsm_per_layer_through_every_logger(tmp_path):
     module = LitMLP()
-    monitor = SeparabilityMonitor(probe=PROBE, every_n_steps=3)
+    monitor = SeparabilityMonitor(probe=PROBE, every_n_steps=3, method="degree")
     memory = MemoryLogger()
     csv_logger = CSVLogger(tmp_path, name="csv")
     fit(module, 6, tmp_path, logger=[csv_logger, memory], callbacks=[monitor])
@@ -212,7 +212,7 @@ def test_monitor_probes_a_model_with_two_inputs():
     ref_feats = torch.relu(module.body[0](torch.cat([PROBE[0].flatten(1), extra], 1)))
     ref = lt.layer_separability(ref_feats.detach(), PROBE[1], holdout=0.5)
     for inputs in ((PROBE[0], extra), {"image": PROBE[0], "extra": extra}):
-        monitor = SeparabilityMonitor(probe=(inputs, PROBE[1]), batch_size=50)
+        monitor = SeparabilityMonitor(probe=(inputs, PROBE[1]), batch_size=50, method="degree")
         scores = monitor.measure(module)
         assert monitor.names == ["body.1"] and scores["body.1"] == pytest.approx(ref, abs=1e-6)
 

@@ -54,8 +54,8 @@ class SeparabilityMonitor(Callback):
             returning such a pair (called once, at the first measurement).
         every_n_steps: measure when ``trainer.global_step`` is a multiple of this (>= 1).
         layers: names / patterns / classes as for :class:`~lsm_train.HiddenCapture`.
-        method: ``"degree"`` (default), ``"fisher"`` (fast, batched), ``"margin"`` or
-            ``"soft"``.
+        method: ``"fisher"`` (default: fast, batched, as the trainer's monitor),
+            ``"degree"``, ``"margin"`` or ``"soft"``.
         holdout: cross-fitting fraction for the degree and fisher (None: in-sample).
         batch_size: probe batch size of the forward passes.
         prefix: metric name prefix.
@@ -67,7 +67,7 @@ class SeparabilityMonitor(Callback):
         every_n_steps: int = 50,
         *,
         layers: Any = None,
-        method: str = "degree",
+        method: str = "fisher",
         holdout: float | None = 0.5,
         batch_size: int = 512,
         prefix: str = "lsm/",
