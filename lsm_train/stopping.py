@@ -4,7 +4,10 @@
   the app), the step and epoch reached, the checkpoint, the last logged values, a message.
 * :class:`StopFlag`: SIGTERM/SIGINT handlers that only record the signal, so that the loop
   finishes the current step and checkpoints; a second signal acts as before it.
-* :func:`nan_message`, :func:`blown_up_message`: why a run stopped without updating;
+* :func:`agree_on_stop`: under DDP, every rank learns whether any rank's loss is not
+  finite or any rank received a signal (one small all-reduce per step).
+* :func:`nan_message`, :func:`blown_up_message`, :func:`checkpoint_note`: why a run
+  stopped without updating and where its last good checkpoint is;
   :func:`interrupted_outcome`: the status and message of a run stopped by a signal.
 """
 
@@ -17,7 +20,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["TrainResult", "StopFlag", "nan_message", "blown_up_message", "interrupted_outcome"]
+from lsm_train import distributed as dist_utils
+
+__all__ = ["TrainResult", "StopFlag", "agree_on_stop", "nan_message", "blown_up_message",
+           "checkpoint_note", "interrupted_outcome"]
 
 
 @dataclass
@@ -54,6 +60,25 @@ class StopFlag:
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def agree_on_stop(finite: bool, stop: bool, *, ddp: bool,
+                  device: Any = "cpu") -> tuple[bool, bool]:
+    """(every rank's loss is finite, some rank received a signal); as given in one process."""
+    if not ddp:
+        return finite, stop
+    bad, stops = dist_utils.all_reduce_sum(
+        [0.0 if finite else 1.0, 1.0 if stop else 0.0], device=device)
+    return bad == 0, stops > 0
+
+
+def checkpoint_note(checkpointing: bool, path: Path, saved_step: int | None) -> str:
+    """Where the last good checkpoint of a run is, for a stop message."""
+    if not checkpointing:
+        return "No checkpoint is written (trainer.checkpoint=false)."
+    if saved_step is None:
+        return "No checkpoint was written yet."
+    return f"Last good checkpoint: {path} (step {saved_step})."
 
 
 def nan_message(x: torch.Tensor, step: int, epoch: int, data_name: str) -> str:

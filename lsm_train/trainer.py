@@ -58,7 +58,9 @@ from lsm_train.resume import check_resume
 from lsm_train.stopping import (
     StopFlag,
     TrainResult,
+    agree_on_stop,
     blown_up_message,
+    checkpoint_note,
     interrupted_outcome,
     nan_message,
 )
@@ -228,12 +230,7 @@ class Trainer:
         return path
 
     def _checkpoint_note(self) -> str:
-        """Where the last good checkpoint of this run is, for a stop message."""
-        if not self.checkpointing:
-            return "No checkpoint is written (trainer.checkpoint=false)."
-        if self._saved_step is None:
-            return "No checkpoint was written yet."
-        return f"Last good checkpoint: {self.ckpt_path} (step {self._saved_step})."
+        return checkpoint_note(self.checkpointing, self.ckpt_path, self._saved_step)
 
     def check_replicas(self) -> float:
         """Under DDP: raise :class:`~lsm_train.distributed.ParameterMismatchError` unless the
@@ -281,14 +278,6 @@ class Trainer:
         return record
 
     # --------------------------------------------------------------------- train
-    def _agree(self, finite: bool, stop: bool) -> tuple[bool, bool]:
-        """(every rank's loss is finite, some rank received a signal): one all-reduce."""
-        if not self.ddp:
-            return finite, stop
-        bad, stops = dist_utils.all_reduce_sum(
-            [0.0 if finite else 1.0, 1.0 if stop else 0.0], device=self.device)
-        return bad == 0, stops > 0
-
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         return self.batches.order(epoch)
 
@@ -301,7 +290,8 @@ class Trainer:
         loss = F.cross_entropy(logits, y)
         if self.reg is not None:
             loss = loss + self.reg(y)
-        finite, self._stop_agreed = self._agree(bool(torch.isfinite(loss)), stop_requested)
+        finite, self._stop_agreed = agree_on_stop(bool(torch.isfinite(loss)), stop_requested,
+                                                  ddp=self.ddp, device=self.device)
         if not finite:
             return None
         loss.backward()
