@@ -29,7 +29,6 @@ every rank checks that the parameters agree (exit status 3 and a message when no
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import warnings
@@ -38,6 +37,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lsm_train.config_check import validate_config
 from lsm_train.recipe_source import (
     RecipeConfigSource,
     conf_dir,
@@ -86,116 +86,6 @@ def compose(overrides: list[str] | None = None, *, return_hydra_config: bool = F
 
 def _num(cfg: Any, key: str) -> Any:
     return OmegaConf.select(cfg, key, default=None)
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Reject bad values before any data is loaded; ValueError names the key and the fix."""
-    from lsm_train.trainer import LSM_MODES
-
-    errors: list[str] = []
-
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            errors.append(msg)
-
-    def is_num(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    mode = _num(cfg, "lsm.mode")
-    need(mode in LSM_MODES, f"lsm.mode: expected one of {list(LSM_MODES)}, got {mode!r}")
-    w = _num(cfg, "lsm.loss.weight")
-    need(is_num(w) and w >= 0, f"lsm.loss.weight: expected a number >= 0, got {w!r}")
-    tau = _num(cfg, "lsm.loss.tau")
-    need(is_num(tau) and tau > 0, f"lsm.loss.tau: expected a number > 0, got {tau!r}")
-    scheme = _num(cfg, "lsm.loss.scheme")
-    need(scheme in ("pairwise", "ovr"),
-         f"lsm.loss.scheme: expected pairwise or ovr, got {scheme!r}")
-    lw = _num(cfg, "lsm.loss.layer_weights")
-    if lw is not None:
-        vals = list(lw.values()) if hasattr(lw, "values") else list(lw)
-        need(all(is_num(v) and v >= 0 for v in vals),
-             f"lsm.loss.layer_weights: expected numbers >= 0, got {OmegaConf.to_container(lw)}")
-    hold = _num(cfg, "lsm.monitor.holdout")
-    need(hold is None or (is_num(hold) and 0 < hold < 1),
-         f"lsm.monitor.holdout: expected null or a fraction in (0, 1), got {hold!r}")
-    gmeasure = _num(cfg, "lsm.guard.measure")
-    need(gmeasure in ("soft", "degree", "loss", "random"),
-         f"lsm.guard.measure: expected soft, degree, loss or random, got {gmeasure!r}")
-    rate = _num(cfg, "lsm.guard.accept_rate")
-    need(gmeasure != "random" or (is_num(rate) and 0 <= rate <= 1),
-         f"lsm.guard.accept_rate: expected a number in [0, 1] with lsm.guard.measure=random, "
-         f"got {rate!r}")
-    for key, low in (("lsm.guard.groups", 2), ("lsm.guard.max_nonfinite", 1),
-                     ("lsm.guard.warn_window", 1)):
-        v = _num(cfg, key)
-        need(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= low),
-             f"{key}: expected an integer >= {low}, got {v!r}")
-    gz = _num(cfg, "lsm.guard.z")
-    need(gz is None or (is_num(gz) and gz >= 0), f"lsm.guard.z: expected a number >= 0, got {gz!r}")
-    below = _num(cfg, "lsm.guard.warn_below")
-    need(below is None or (is_num(below) and 0 <= below <= 1),
-         f"lsm.guard.warn_below: expected a number in [0, 1], got {below!r}")
-    scope = _num(cfg, "lsm.guard.scope")
-    need(scope in ("step", "window"),
-         f"lsm.guard.scope: expected step or window, got {scope!r}")
-    need(scope != "window" or _num(cfg, "lsm.guard.max_retries") == 0,
-         "lsm.guard.max_retries: expected 0 with lsm.guard.scope=window (a rolled-back "
-         "window cannot be retried)")
-    method = _num(cfg, "lsm.monitor.method")
-    need(method in ("fisher", "degree", "margin", "soft"),
-         f"lsm.monitor.method: expected fisher, degree, margin or soft, got {method!r}")
-    budget = _num(cfg, "lsm.monitor.budget")
-    need(budget is None or (is_num(budget) and 0 < budget <= 1),
-         f"lsm.monitor.budget: expected a fraction in (0, 1], got {budget!r}")
-    for key, low in (
-        ("lsm.monitor.probe_size", 4),
-        ("lsm.monitor.test_size", 4),
-        ("lsm.guard.probe_size", 4),
-        ("lsm.guard.check_every", 1),
-        ("lsm.guard.max_consecutive_rejects", 1),
-        ("trainer.epochs", 1),
-        ("trainer.log_every_n_steps", 1),
-        ("data.batch_size", 1),
-        ("data.eval_batch_size", 1),
-    ):
-        v = _num(cfg, key)
-        need(isinstance(v, int) and not isinstance(v, bool) and v >= low,
-             f"{key}: expected an integer >= {low}, got {v!r}")
-    for key in ("lsm.guard.tolerance", "lsm.guard.max_retries", "lsm.loss.warmup_steps"):
-        v = _num(cfg, key)
-        need(is_num(v) and v >= 0, f"{key}: expected a number >= 0, got {v!r}")
-    every = _num(cfg, "trainer.monitor_every_n_steps")
-    need(every is None or (is_num(every) and every >= 0),
-         f"trainer.monitor_every_n_steps: expected null (lsm.monitor.budget) or a number "
-         f">= 0, got {every!r}")
-    backoff = _num(cfg, "lsm.guard.backoff")
-    need(is_num(backoff) and 0 < backoff < 1,
-         f"lsm.guard.backoff: expected a fraction in (0, 1), got {backoff!r}")
-    ms = _num(cfg, "trainer.max_steps")
-    need(ms is None or (isinstance(ms, int) and ms >= 1),
-         f"trainer.max_steps: expected null or an integer >= 1, got {ms!r}")
-    lr = _num(cfg, "optim.lr")
-    need(is_num(lr) and lr > 0, f"optim.lr: expected a finite number > 0, got {lr!r}")
-    wd = _num(cfg, "optim.weight_decay")
-    need(wd is None or (is_num(wd) and wd >= 0),
-         f"optim.weight_decay: expected a finite number >= 0, got {wd!r}")
-    clip = _num(cfg, "trainer.grad_clip")
-    need(clip is None or (is_num(clip) and clip > 0),
-         f"trainer.grad_clip: expected null or a finite number > 0, got {clip!r}")
-    timeout = _num(cfg, "trainer.ddp.timeout_s")
-    need(timeout is None or (is_num(timeout) and timeout > 0),
-         f"trainer.ddp.timeout_s: expected a number of seconds > 0, got {timeout!r}")
-    strategy = _num(cfg, "trainer.strategy")
-    need(strategy in (None, "single", "ddp"),
-         f"trainer.strategy: expected single or ddp (trainer=ddp), got {strategy!r}")
-    for key in ("lsm.loss.gather", "lsm.monitor.gather"):
-        v = _num(cfg, key)
-        need(v is None or isinstance(v, bool), f"{key}: expected true or false, got {v!r}")
-    layers = _num(cfg, "lsm.layers")
-    if layers is not None and not isinstance(layers, str):
-        need(len(layers) > 0, "lsm.layers: expected null (model.hidden_layers) or a non-empty list")
-    if errors:
-        raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
 
 
 # ---------------------------------------------------------------------------- running

@@ -267,3 +267,47 @@ def test_rng_state_roundtrip():
     a = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     set_rng_state(state)
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == a
+
+
+def test_the_loop_calls_its_named_hooks(tmp_path):
+    from lsm_train.trainer import HOOKS
+
+    t = Trainer(small_cfg("lsm=monitor"), tmp_path)
+    seen = {name: [] for name in HOOKS}
+    for name in HOOKS:
+        t.add_hook(name, lambda trainer, payload, name=name: seen[name].append(
+            (trainer.step, payload)))
+    with pytest.raises(ValueError, match="hook: expected one of"):
+        t.add_hook("on_epoch", lambda trainer, payload: None)
+    t.fit()
+    records = read_metrics(tmp_path)
+    # on_log: every record of metrics.jsonl, as written
+    assert [s for s, _ in seen["on_log"]] == [r["step"] for r in records]
+    for (_, logged), record in zip(seen["on_log"], records, strict=True):
+        assert {k: logged[k] for k in record if k != "step"} == {
+            k: v for k, v in record.items() if k != "step"}
+    # on_monitor: the evaluations, with the values logged at those steps
+    monitored = [r for r in records if "lsm/mean" in r]
+    assert [s for s, _ in seen["on_monitor"]] == [r["step"] for r in monitored]
+    assert [m["lsm/mean"] for _, m in seen["on_monitor"]] == [r["lsm/mean"] for r in monitored]
+    # on_checkpoint: each epoch end, with the file written; on_step: each step's loss
+    assert [s for s, _ in seen["on_checkpoint"]] == [3, 6, 9]
+    assert all(p == tmp_path / "checkpoint.pt" for _, p in seen["on_checkpoint"])
+    assert [s for s, _ in seen["on_step"]] == list(range(1, 10))
+    assert all(math.isfinite(loss) for _, loss in seen["on_step"])
+
+
+def test_the_monitor_of_other_methods_scores_the_captured_layers(tmp_path):
+    import lsm_train as lt
+
+    t = Trainer(small_cfg("lsm=monitor", "lsm.monitor.method=degree"), tmp_path)
+    out = t.monitor()
+    loss, acc = evaluate(t.module, t.data.test, t.device)
+    assert out["val/loss"] == pytest.approx(loss, rel=1e-6) and out["val/acc"] == acc
+    for key, (x, y) in (("lsm", t.probe), ("val_lsm", t.test_probe)):
+        t.module.eval()
+        with torch.no_grad(), lt.HiddenCapture(t.module, t.layers) as feats:
+            t.module(x)
+        for name in t.layers:
+            ref = lt.layer_separability(feats[name], y, method="degree", holdout=0.5, seed=0)
+            assert out[f"{key}/{name}"] == pytest.approx(float(ref), abs=1e-6)
