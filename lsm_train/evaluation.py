@@ -29,8 +29,7 @@ from torch import nn
 
 from lsm_train import distributed as dist_utils
 from lsm_train.measures.fisher import FisherLayout
-from lsm_train.measures.layer import layer_separability
-from lsm_train.monitor import capture, score_sets
+from lsm_train.monitor import capture, score_layers, score_sets
 from lsm_train.probe import eval_mode
 
 __all__ = ["evaluate", "capture_layers", "score_layers", "measure_layers", "layer_metrics",
@@ -102,35 +101,6 @@ def capture_layers(
     ``y`` may live anywhere: each batch is moved to the model's device."""
     feats, stats = capture(model, x, y, layers, batch_size)
     return {name: H.cpu() for name, H in feats.items()}, int(stats["correct"])
-
-
-def score_layers(
-    feats: Mapping[str, torch.Tensor],
-    y: torch.Tensor,
-    *,
-    method: str = "degree",
-    holdout: float | None = 0.5,
-    seed: int = 0,
-) -> dict[str, float]:
-    """``layer_separability`` of each layer's features (NaN with a warning when it fails);
-    ``method="fisher"``: all layers in one batched pass (:func:`lsm_train.monitor.score_sets`)."""
-    if method == "fisher":
-        try:
-            return score_sets([(feats, y)], holdout=holdout, seed=seed)[0][0]
-        except ValueError as err:  # e.g. a probe too small to cross-fit: log null, go on
-            warnings.warn(f"MD-LSM not computed: {err}", RuntimeWarning, stacklevel=2)
-            return {name: float("nan") for name in feats}
-    yc = y.cpu()
-    scores = {}
-    for name, H in feats.items():
-        try:
-            scores[name] = float(
-                layer_separability(H, yc, method=method, holdout=holdout, seed=seed)
-            )
-        except ValueError as err:  # e.g. a probe too small to cross-fit: log null, go on
-            warnings.warn(f"MD-LSM of {name} not computed: {err}", RuntimeWarning, stacklevel=2)
-            scores[name] = float("nan")
-    return scores
 
 
 @torch.no_grad()

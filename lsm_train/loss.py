@@ -124,7 +124,7 @@ def lsm_loss(
     shrinkage: float = 0.1,
     detach_directions: bool = False,
     reduce: str = "auto",
-    crossfit: bool = False,
+    crossfit: bool = True,
     gather: bool = False,
     process_group: Any = None,
     num_classes: int | None = None,
@@ -190,8 +190,9 @@ class LSMLoss(nn.Module):
         weight: overall weight >= 0 (the loss is at most ``weight`` with default α).
         layer_weights: None (uniform 1/L), dict {layer name: α} or list in ``names`` order.
         tau, scheme, shrinkage, detach_directions, reduce, crossfit: passed to
-            ``soft_md_lsm``; ``crossfit=True`` (2-fold cross-fitted score) keeps a gradient
-            when a wide layer makes every batch separable (d + 1 >= n).
+            ``soft_md_lsm``; ``crossfit=True`` (the default here, as in the app: the
+            2-fold cross-fitted score) keeps a gradient when a wide layer makes every
+            batch separable (d + 1 >= n); ``False`` scores the batch in-sample.
         warmup_steps: length of the linear ramp of the weight from 0 (int >= 0).
         gather: under torch.distributed, score the features gathered from all ranks (the
             global batch) instead of the local batch; see the module docstring.
@@ -230,7 +231,7 @@ class LSMLoss(nn.Module):
         detach_directions: bool = False,
         *,
         output_index: int | str = 0,
-        crossfit: bool = False,
+        crossfit: bool = True,
         gather: bool = False,
         process_group: Any = None,
         num_classes: int | None = None,

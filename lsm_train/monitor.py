@@ -20,6 +20,7 @@ Docs: ``docs/monitor.md``.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -31,9 +32,10 @@ from torch import nn
 from lsm_train.capture import HiddenCapture
 from lsm_train.features import reduce_features
 from lsm_train.measures.fisher import FisherLayout, pair_scores, pair_values
+from lsm_train.measures.layer import layer_separability
 from lsm_train.probe import eval_mode
 
-__all__ = ["MonitorSchedule", "capture", "score_sets"]
+__all__ = ["MonitorSchedule", "capture", "score_layers", "score_sets"]
 
 
 def _batches(source: Any, batch_size: int):
@@ -116,6 +118,35 @@ def score_sets(
         out.append({name: got[name] for name in feats if name in got})
         at += len(layer_names)
     return out, flat[at:]
+
+
+def score_layers(
+    feats: Mapping[str, torch.Tensor],
+    y: torch.Tensor,
+    *,
+    method: str = "degree",
+    holdout: float | None = 0.5,
+    seed: int = 0,
+) -> dict[str, float]:
+    """``layer_separability`` of each layer's features (NaN with a warning when it fails);
+    ``method="fisher"``: all layers in one batched pass (:func:`lsm_train.monitor.score_sets`)."""
+    if method == "fisher":
+        try:
+            return score_sets([(feats, y)], holdout=holdout, seed=seed)[0][0]
+        except ValueError as err:  # e.g. a probe too small to cross-fit: log null, go on
+            warnings.warn(f"MD-LSM not computed: {err}", RuntimeWarning, stacklevel=2)
+            return {name: float("nan") for name in feats}
+    yc = y.cpu()
+    scores = {}
+    for name, H in feats.items():
+        try:
+            scores[name] = float(
+                layer_separability(H, yc, method=method, holdout=holdout, seed=seed)
+            )
+        except ValueError as err:  # e.g. a probe too small to cross-fit: log null, go on
+            warnings.warn(f"MD-LSM of {name} not computed: {err}", RuntimeWarning, stacklevel=2)
+            scores[name] = float("nan")
+    return scores
 
 
 class MonitorSchedule:

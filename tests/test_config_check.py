@@ -72,10 +72,7 @@ def test_the_loss_and_guard_keys_of_conf_are_the_constructors_defaults():
     for name in ("shrinkage", "reduce", "detach_directions"):  # settable from config
         assert name in loss
     lib = _defaults(LSMLoss)
-    # crossfit: true in the app (a batch at least as wide as its layer is always
-    # separable in-sample); LSMLoss's own default is owned by lsm_train.loss
-    assert {k: v for k, v in loss.items() if k != "crossfit"} == {
-        k: lib[k] for k in loss if k != "crossfit"}
+    assert loss == {k: lib[k] for k in loss}
     guard = {k: v for k, v in cfg.lsm.guard.items() if not k.startswith("_")}
     guard.pop("probe_size")  # the build's, not the guard's
     lib = _defaults(SeparabilityGuard)

@@ -68,7 +68,7 @@ def test_value_matches_soft_md_lsm_reference_and_last_scores():
     model.eval()
     ref.eval()
     x, y = data()
-    reg = lt.LSMLoss(model, weight=0.3, tau=0.7, scheme="ovr", shrinkage=0.2)
+    reg = lt.LSMLoss(model, weight=0.3, tau=0.7, scheme="ovr", shrinkage=0.2, crossfit=False)
     assert reg.names == ["block1.bn", "block2"]
     model(x)
     value = reg(y)
@@ -157,12 +157,13 @@ def test_functional_form_dict_and_tensor():
     x, y = data()
     h = torch.randn(24, 3, 4, 4, requires_grad=True)  # conv map: avg-pooled by reduce="auto"
     s = soft_md_lsm(h.mean((2, 3)), y, 0.5).item()
-    v = lt.lsm_loss(h, y, weight=0.5)
+    v = lt.lsm_loss(h, y, weight=0.5, crossfit=False)
     assert math.isclose(v.item(), 0.5 * (1 - s), rel_tol=1e-5)
     v.backward()
     assert h.grad is not None and h.grad.abs().sum() > 0
     feats = {"a": h.detach().mean((2, 3)), "b": x}
-    both = lt.lsm_loss(feats, y, weight=1.0, layer_weights={"a": 1.0, "b": 0.0}, scheme="ovr")
+    both = lt.lsm_loss(feats, y, weight=1.0, layer_weights={"a": 1.0, "b": 0.0}, scheme="ovr",
+                       crossfit=False)
     assert math.isclose(both.item(), 1 - soft_md_lsm(feats["a"], y, scheme="ovr").item(),
                         rel_tol=1e-5)
 
@@ -180,12 +181,16 @@ def test_crossfit_is_passed_through():
     assert math.isclose(v, 1 - crossfit, rel_tol=1e-5)
     f = lt.lsm_loss(h, y, weight=1.0, crossfit=True).item()
     assert math.isclose(f, 1 - crossfit, rel_tol=1e-5)
+    default = lt.LSMLoss(model, ["block2"], weight=1.0)  # cross-fitted by default
+    model(x)
+    assert math.isclose(default(y).item(), 1 - crossfit, rel_tol=1e-5)
+    assert math.isclose(lt.lsm_loss(h, y, weight=1.0).item(), 1 - crossfit, rel_tol=1e-5)
 
 
 def test_half_precision_features_are_upcast():
     x, y = data()
     h = x.to(torch.bfloat16)
-    v = lt.lsm_loss(h, y, weight=1.0)
+    v = lt.lsm_loss(h, y, weight=1.0, crossfit=False)
     assert v.dtype == torch.float32 and torch.isfinite(v)
     assert math.isclose(v.item(), 1 - soft_md_lsm(h.float(), y).item(), rel_tol=1e-6)
 
@@ -403,7 +408,7 @@ def test_host_syncs_per_step(new_labels):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 256), nn.ReLU(),
                           nn.Linear(256, 10))
-    reg = lt.LSMLoss(model, layers=["1", "3"])
+    reg = lt.LSMLoss(model, layers=["1", "3"], crossfit=False)  # the in-sample path
     x, y = torch.randn(128, 32), torch.arange(128) % 10
 
     def step():

@@ -37,6 +37,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from lsm_train.capture import HiddenCapture, resolve_layers
 from lsm_train.features import reduce_features
+from lsm_train.monitor import score_layers
 from lsm_train.probe import eval_mode
 
 __all__ = ["METHODS", "SeparabilityMonitor"]
@@ -137,8 +138,6 @@ class SeparabilityMonitor(Callback):
     @torch.no_grad()
     def measure(self, pl_module: torch.nn.Module) -> dict[str, float]:
         """The MD-LSM of each layer on the probe (eval mode; training flags restored)."""
-        from lsm_train.trainer import score_layers
-
         if not self.names:
             self.names = resolve_layers(pl_module, self.layers)
         x, y = self._probe_pair()
