@@ -8,9 +8,10 @@ below one folder); runs are read and grouped into settings by ``lsm_train.report
 it writes ``<NAME>_acc_by_arm.png`` (final test accuracy per arm, one dot per seed, the mean
 as a tick with ± sd, the train-time ratio to the plain arm on the right) and
 ``<NAME>_test_acc_curves.png`` (test accuracy at each evaluation, mean over seeds per arm).
-``paper=FOLDER`` (a sweep of ``recipe=ablation/teacher-paper``) is drawn instead as the
-final ``1 - MD-LSM`` per layer on a log axis next to the final test accuracy, per setting.
-See RESULTS.md.
+A name starting with ``paper`` (a sweep of ``recipe=ablation/teacher-paper``) is drawn
+instead as ``<NAME>_lsm.png``: the final ``1 - MD-LSM`` per layer on a log axis next to the
+final test accuracy, per setting, and its synchronicity against an independence null is
+printed as a markdown table (:func:`sync_against_null`). See RESULTS.md.
 """
 
 from __future__ import annotations
@@ -117,6 +118,33 @@ def paper_lsm(groups: list[Group], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def sync_against_null(run, layer: str) -> tuple[float, float]:
+    """(same-sign fraction of the changes of ``lsm/<layer>`` and the probe accuracy, the
+    fraction expected if the two signs were independent with each series' own share of
+    rises: p_l p_a + (1 - p_l)(1 - p_a)); intervals where either change is 0 are left out."""
+    lsm, acc = run.sync_series(layer)
+    dl, da = np.diff(lsm), np.diff(acc)
+    keep = (dl != 0) & (da != 0) & np.isfinite(dl) & np.isfinite(da)
+    dl, da = dl[keep], da[keep]
+    if dl.size == 0:
+        return float("nan"), float("nan")
+    pl, pa = float(np.mean(dl > 0)), float(np.mean(da > 0))
+    return float(np.mean(np.sign(dl) == np.sign(da))), pl * pa + (1 - pl) * (1 - pa)
+
+
+def sync_table(groups: list[Group]) -> str:
+    """Markdown: per setting, the last hidden layer's same-sign fraction against its null."""
+    lines = ["| setting | seeds | same-sign, last hidden layer | independence null | "
+             "observed − null |", "|---|---|---|---|---|"]
+    for g in groups:
+        pairs = [sync_against_null(r, r.layers[-1]) for r in g.runs if r.layers]
+        obs, null = [p[0] for p in pairs], [p[1] for p in pairs]
+        lines.append(f"| {arm_name(g)} | {len(pairs)} | {stats.format_mean_std(obs)} | "
+                     f"{stats.format_mean_std(null)} | "
+                     f"{stats.format_mean_std([o - n for o, n in pairs])} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("studies", nargs="+", help="NAME=FOLDER (a sweep folder)")
@@ -132,9 +160,10 @@ def main(argv: list[str] | None = None) -> None:
         if not sep or not name or not folder:
             raise SystemExit(f"expected NAME=FOLDER, got {spec!r}")
         groups = group_runs(load_runs(folder))
-        if name == "paper":
-            paper_lsm(groups, f"{name}: layer separability by setting", out / "paper_lsm.png")
-            print(out / "paper_lsm.png")
+        if name.startswith("paper"):
+            paper_lsm(groups, f"{name}: layer separability by setting", out / f"{name}_lsm.png")
+            print(out / f"{name}_lsm.png")
+            print(sync_table(groups))
             continue
         acc_by_arm(groups, f"{name}: final test accuracy per arm",
                    out / f"{name}_acc_by_arm.png")

@@ -452,6 +452,13 @@ def test_controls_table_needs_a_plain_setting(tmp_path):
                   config={"seed": 0, "lsm": {"mode": mode}})
     rep = report.build_report(root, tmp_path / "out", plots=False)
     assert not any(t.title.startswith("Controls") for t in rep.tables)
+    # all settings plain (a width sweep): nothing to control either
+    rows = [{"step": 0, "val/acc": 0.5}]
+    for job, width in enumerate([8, 16]):
+        write_run(tmp_path / "plain" / str(job), rows, overrides=[f"model.width={width}"],
+                  config={"seed": 0, "model": {"width": width}, "lsm": {"mode": "monitor"}})
+    rep = report.build_report(tmp_path / "plain", tmp_path / "out2", plots=False)
+    assert not any(t.title.startswith("Controls") for t in rep.tables)
     # the first plain setting is the reference, wherever it comes in the sweep
     write_run(root / "2", [{"step": 0, "val/acc": 0.5, "time/train_s": 4.0}],
               overrides=["+arm=off"], config={"seed": 0, "lsm": {"mode": "off"}})

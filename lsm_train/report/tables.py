@@ -109,10 +109,12 @@ def controls_table(groups: list[Group]) -> Table | None:
     """Per setting against the reference, the first setting whose runs are all plain
     (:func:`is_plain`): test accuracy at the end and at its best evaluation, accept rate,
     and the mean training time (``time/train_s``, else wall time) over the reference's.
-    None when fewer than two settings or no plain setting."""
-    reference = next((g for g in groups if g.runs and all(is_plain(r) for r in g.runs)), None)
-    if len(groups) < 2 or reference is None:
+    None when fewer than two settings, or none or all of them plain (a study of the plain
+    network alone, such as a width sweep, has no controls to show)."""
+    plain = [bool(g.runs) and all(is_plain(r) for r in g.runs) for g in groups]
+    if len(groups) < 2 or all(plain) or not any(plain):
         return None
+    reference = groups[plain.index(True)]
     ref_time, _, _ = stats.mean_std([_time(r) for r in reference.runs])
     rows = []
     for g in groups:
