@@ -468,6 +468,39 @@ def test_controls_table_needs_a_plain_setting(tmp_path):
     assert [r[-1] for r in table.rows] == ["2.00x", "0.50x", "1.00x"]
 
 
+def _results_figures():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "results_figures.py"
+    spec = importlib.util.spec_from_file_location("results_figures", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_figures_draw_a_controls_sweep(tmp_path):
+    make_controls_sweep(tmp_path / "sweep")
+    _results_figures().main(["--out", str(tmp_path / "png"), f"study={tmp_path / 'sweep'}"])
+    for name in ("study_acc_by_arm.png", "study_test_acc_curves.png"):
+        assert _is_png(tmp_path / "png" / name)
+
+
+def test_results_figures_synchronicity_null_against_brute_force(tmp_path):
+    lsm = [0.5, 0.6, 0.55, 0.7, 0.7, 0.8, 0.75, 0.9]
+    acc = [0.1, 0.2, 0.3, 0.25, 0.4, 0.5, 0.6, 0.55]
+    rows = [{"step": i, "probe/acc": a, "lsm/fc": m} for i, (m, a) in enumerate(zip(lsm, acc))]
+    run = report.Run.load(write_run(tmp_path / "r", rows))
+    observed, null = _results_figures().sync_against_null(run, "fc")
+    pairs = [(lsm[i + 1] - lsm[i], acc[i + 1] - acc[i]) for i in range(len(lsm) - 1)]
+    pairs = [(a, b) for a, b in pairs if a != 0 and b != 0]  # the flat lsm step is left out
+    same = sum((a > 0) == (b > 0) for a, b in pairs) / len(pairs)
+    up_l = sum(a > 0 for a, _ in pairs) / len(pairs)
+    up_a = sum(b > 0 for _, b in pairs) / len(pairs)
+    assert len(pairs) == 6
+    assert observed == pytest.approx(same)
+    assert null == pytest.approx(up_l * up_a + (1 - up_l) * (1 - up_a))
+
+
 # ------------------------------------------------------------------------------------------
 # plots and CLI
 
