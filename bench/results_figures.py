@@ -24,7 +24,7 @@ import numpy as np
 from lsm_train import runlog, stats
 from lsm_train.report import group_runs, load_runs
 from lsm_train.report.groups import Group
-from lsm_train.report.tables import is_plain, ordered_layers
+from lsm_train.report.tables import is_plain, ordered_layers, training_seconds
 
 ARM_KEY = "+recipe/ablation/arms="
 
@@ -34,16 +34,11 @@ def arm_name(group: Group) -> str:
     return " ".join(part.removeprefix(ARM_KEY) for part in group.label.split())
 
 
-def train_time(run) -> float:
-    t = run.train_time()
-    return t if np.isfinite(t) else run.wall_time()
-
-
 def acc_by_arm(groups: list[Group], title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ref = next((g for g in groups if all(is_plain(r) for r in g.runs)), groups[0])
-    ref_time, _, _ = stats.mean_std([train_time(r) for r in ref.runs])
+    ref_time, _, _ = stats.mean_std([training_seconds(r) for r in ref.runs])
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(groups) + 1.2))
     for i, g in enumerate(groups):
         accs = [r.final(runlog.VAL_ACC) for r in g.runs]
@@ -53,7 +48,7 @@ def acc_by_arm(groups: list[Group], title: str, path: Path) -> None:
         ax.errorbar(mean, y, xerr=0 if np.isnan(std) else std, fmt="|", ms=14, mew=2,
                     color=color, capsize=3, lw=1)
         ax.plot(accs, [y] * len(accs), "k.", ms=6, alpha=0.7)
-        ratio = stats.mean_std([train_time(r) for r in g.runs])[0] / ref_time
+        ratio = stats.mean_std([training_seconds(r) for r in g.runs])[0] / ref_time
         ax.annotate(f"{ratio:.1f}x", (1.0, y), xycoords=("axes fraction", "data"),
                     xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
     ax.set_yticks(range(len(groups)), [arm_name(g) for g in reversed(groups)], fontsize=8)

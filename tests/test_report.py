@@ -488,7 +488,8 @@ def test_results_figures_draw_a_controls_sweep(tmp_path):
 def test_results_figures_synchronicity_null_against_brute_force(tmp_path):
     lsm = [0.5, 0.6, 0.55, 0.7, 0.7, 0.8, 0.75, 0.9]
     acc = [0.1, 0.2, 0.3, 0.25, 0.4, 0.5, 0.6, 0.55]
-    rows = [{"step": i, "probe/acc": a, "lsm/fc": m} for i, (m, a) in enumerate(zip(lsm, acc))]
+    rows = [{"step": i, "probe/acc": a, "lsm/fc": m}
+            for i, (m, a) in enumerate(zip(lsm, acc, strict=True))]
     run = report.Run.load(write_run(tmp_path / "r", rows))
     observed, null = _results_figures().sync_against_null(run, "fc")
     pairs = [(lsm[i + 1] - lsm[i], acc[i + 1] - acc[i]) for i in range(len(lsm) - 1)]

@@ -17,7 +17,7 @@ from lsm_train.report.groups import Group
 from lsm_train.report.runs import Run
 
 __all__ = ["Table", "sync_table", "summary_table", "layer_table", "sync_summary_table",
-           "controls_table", "is_plain", "ordered_layers", "LSM_DIGITS"]
+           "controls_table", "is_plain", "training_seconds", "ordered_layers", "LSM_DIGITS"]
 
 #: decimals of MD-LSM values in tables (trained layers often differ only in the 3rd decimal).
 LSM_DIGITS = 4
@@ -100,7 +100,8 @@ def is_plain(run: Run) -> bool:
     return isinstance(lsm, dict) and lsm.get("mode") in ("off", "monitor")
 
 
-def _time(run: Run) -> float:
+def training_seconds(run: Run) -> float:
+    """``time/train_s`` (the training loop alone), else the wall time."""
     train = run.train_time()
     return train if math.isfinite(train) else run.wall_time()
 
@@ -115,10 +116,10 @@ def controls_table(groups: list[Group]) -> Table | None:
     if len(groups) < 2 or all(plain) or not any(plain):
         return None
     reference = groups[plain.index(True)]
-    ref_time, _, _ = stats.mean_std([_time(r) for r in reference.runs])
+    ref_time, _, _ = stats.mean_std([training_seconds(r) for r in reference.runs])
     rows = []
     for g in groups:
-        mean_time, _, k = stats.mean_std([_time(r) for r in g.runs])
+        mean_time, _, k = stats.mean_std([training_seconds(r) for r in g.runs])
         ratio = mean_time / ref_time if k and ref_time > 0 else math.nan
         guarded = [r.accept_rate() for r in g.runs if r.has_guard]
         rows.append([
