@@ -391,6 +391,117 @@ def test_accept_rate_from_counts(tmp_path):
     assert report.Run.load(write_run(tmp_path / "r", rows)).accept_rate() == 0.75
 
 
+def make_controls_sweep(root: Path) -> dict[str, dict[str, list[float]]]:
+    """Arms x 2 seeds: per run a val/acc curve, a train time and (guard) an accept rate."""
+    arms = {
+        "plain": {"mode": "monitor", "curves": [[0.5, 0.7, 0.6], [0.4, 0.8, 0.7]],
+                  "train_s": [10.0, 30.0]},
+        "loss": {"mode": "loss", "curves": [[0.6, 0.65, 0.9], [0.5, 0.6, 0.8]],
+                 "train_s": [50.0, 70.0]},
+        "guard": {"mode": "guard", "curves": [[0.3, 0.2, 0.1], [0.3, 0.4, 0.2]],
+                  "train_s": [20.0, 20.0], "rate": [0.5, 0.9]},
+        "wide": {"mode": "monitor", "curves": [[0.1, 0.9, 0.9], [0.2, 0.9, 0.95]],
+                 "train_s": [15.0, 25.0]},
+    }
+    job = 0
+    for arm, spec in arms.items():
+        for seed in range(2):
+            rows = []
+            for i, acc in enumerate(spec["curves"][seed]):
+                row = {"step": 10 * i, "val/acc": acc,
+                       "time/train_s": spec["train_s"][seed] * (i + 1) / 3,
+                       "time/elapsed_s": 99.0}
+                if "rate" in spec:
+                    row["guard/accept_rate"] = spec["rate"][seed]
+                rows.append(row)
+            overrides = [f"+arm={arm}", f"seed={seed}"]
+            config = {"seed": seed, "arm": arm, "lsm": {"mode": spec["mode"]}}
+            write_run(root / str(job), rows, overrides=overrides, config=config)
+            job += 1
+    return arms
+
+
+def test_controls_table_against_numpy(tmp_path):
+    arms = make_controls_sweep(tmp_path / "sweep")
+    rep = report.build_report(tmp_path / "sweep", tmp_path / "out", plots=False)
+    table = next(t for t in rep.tables if t.title.startswith("Controls"))
+    assert "time ratio to +arm=plain" in table.title
+    rows = {row[0]: dict(zip(table.columns, row, strict=True)) for row in table.rows}
+    assert list(rows) == [f"+arm={a}" for a in arms]
+    ref_time = np.mean(arms["plain"]["train_s"])
+    for arm, spec in arms.items():
+        row = rows[f"+arm={arm}"]
+        finals = [c[-1] for c in spec["curves"]]
+        bests = [max(c) for c in spec["curves"]]
+        assert row["test acc (final)"] == f"{np.mean(finals):.3f} ± {np.std(finals, ddof=1):.3f}"
+        assert row["test acc (best evaluation)"] == (
+            f"{np.mean(bests):.3f} ± {np.std(bests, ddof=1):.3f}")
+        assert row["seeds"] == "2"
+        assert row["train time ratio"] == f"{np.mean(spec['train_s']) / ref_time:.2f}x"
+        rates = spec.get("rate")
+        assert row["guard accept rate"] == (
+            "–" if rates is None else f"{np.mean(rates):.3f} ± {np.std(rates, ddof=1):.3f}")
+    assert rows["+arm=loss"]["train time ratio"] == "3.00x"  # 60 s / 20 s
+
+
+def test_controls_table_needs_a_plain_setting(tmp_path):
+    root = tmp_path / "sweep"
+    for job, (mode, seconds) in enumerate([("loss", 8.0), ("guard", 2.0)]):
+        write_run(root / str(job), [{"step": 0, "val/acc": 0.5, "time/train_s": seconds}],
+                  overrides=[f"+arm={mode}"],
+                  config={"seed": 0, "lsm": {"mode": mode}})
+    rep = report.build_report(root, tmp_path / "out", plots=False)
+    assert not any(t.title.startswith("Controls") for t in rep.tables)
+    # all settings plain (a width sweep): nothing to control either
+    rows = [{"step": 0, "val/acc": 0.5}]
+    for job, width in enumerate([8, 16]):
+        write_run(tmp_path / "plain" / str(job), rows, overrides=[f"model.width={width}"],
+                  config={"seed": 0, "model": {"width": width}, "lsm": {"mode": "monitor"}})
+    rep = report.build_report(tmp_path / "plain", tmp_path / "out2", plots=False)
+    assert not any(t.title.startswith("Controls") for t in rep.tables)
+    # the first plain setting is the reference, wherever it comes in the sweep
+    write_run(root / "2", [{"step": 0, "val/acc": 0.5, "time/train_s": 4.0}],
+              overrides=["+arm=off"], config={"seed": 0, "lsm": {"mode": "off"}})
+    rep = report.build_report(root, tmp_path / "out", plots=False)
+    table = next(t for t in rep.tables if t.title.startswith("Controls"))
+    assert table.title.endswith("time ratio to +arm=off)")
+    assert [r[-1] for r in table.rows] == ["2.00x", "0.50x", "1.00x"]
+
+
+def _results_figures():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "results_figures.py"
+    spec = importlib.util.spec_from_file_location("results_figures", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_figures_draw_a_controls_sweep(tmp_path):
+    make_controls_sweep(tmp_path / "sweep")
+    _results_figures().main(["--out", str(tmp_path / "png"), f"study={tmp_path / 'sweep'}"])
+    for name in ("study_acc_by_arm.png", "study_test_acc_curves.png"):
+        assert _is_png(tmp_path / "png" / name)
+
+
+def test_results_figures_synchronicity_null_against_brute_force(tmp_path):
+    lsm = [0.5, 0.6, 0.55, 0.7, 0.7, 0.8, 0.75, 0.9]
+    acc = [0.1, 0.2, 0.3, 0.25, 0.4, 0.5, 0.6, 0.55]
+    rows = [{"step": i, "probe/acc": a, "lsm/fc": m}
+            for i, (m, a) in enumerate(zip(lsm, acc, strict=True))]
+    run = report.Run.load(write_run(tmp_path / "r", rows))
+    observed, null = _results_figures().sync_against_null(run, "fc")
+    pairs = [(lsm[i + 1] - lsm[i], acc[i + 1] - acc[i]) for i in range(len(lsm) - 1)]
+    pairs = [(a, b) for a, b in pairs if a != 0 and b != 0]  # the flat lsm step is left out
+    same = sum((a > 0) == (b > 0) for a, b in pairs) / len(pairs)
+    up_l = sum(a > 0 for a, _ in pairs) / len(pairs)
+    up_a = sum(b > 0 for _, b in pairs) / len(pairs)
+    assert len(pairs) == 6
+    assert observed == pytest.approx(same)
+    assert null == pytest.approx(up_l * up_a + (1 - up_l) * (1 - up_a))
+
+
 # ------------------------------------------------------------------------------------------
 # plots and CLI
 

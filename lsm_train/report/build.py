@@ -21,6 +21,7 @@ from lsm_train.report.groups import Group, group_runs
 from lsm_train.report.runs import MAX_DEPTH, ReportError, Run, load_runs
 from lsm_train.report.tables import (
     Table,
+    controls_table,
     layer_table,
     ordered_layers,
     summary_table,
@@ -110,6 +111,9 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)
     tables = [summary_table(groups, threshold)]
+    controls = controls_table(groups)
+    if controls is not None:
+        tables.append(controls)
     if len(runs) > 1:
         sync_summary = sync_summary_table(groups, threshold)
         if sync_summary.rows:

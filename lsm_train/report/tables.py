@@ -1,4 +1,4 @@
-"""Report tables: per-run synchronicity, per-setting summary, per-layer finals.
+"""Report tables: per-run synchronicity, per-setting summary, per-layer finals, controls.
 
 Every cell is a mean ± sample std over the seeds of a setting
 (:func:`lsm_train.stats.format_mean_std`); ``–`` where no run has a value. See
@@ -17,7 +17,7 @@ from lsm_train.report.groups import Group
 from lsm_train.report.runs import Run
 
 __all__ = ["Table", "sync_table", "summary_table", "layer_table", "sync_summary_table",
-           "ordered_layers", "LSM_DIGITS"]
+           "controls_table", "is_plain", "training_seconds", "ordered_layers", "LSM_DIGITS"]
 
 #: decimals of MD-LSM values in tables (trained layers often differ only in the 3rd decimal).
 LSM_DIGITS = 4
@@ -92,6 +92,50 @@ def summary_table(groups: list[Group], threshold: float) -> Table:
         row.append(stats.format_mean_std([r.final_mean_lsm() for r in g.runs], digits=LSM_DIGITS))
         rows.append(row)
     return Table("Summary (mean ± std over seeds)", columns, rows)
+
+
+def is_plain(run: Run) -> bool:
+    """Trained without the loss and the guard: ``lsm.mode`` is ``off`` or ``monitor``."""
+    lsm = (run.config or {}).get("lsm")
+    return isinstance(lsm, dict) and lsm.get("mode") in ("off", "monitor")
+
+
+def training_seconds(run: Run) -> float:
+    """``time/train_s`` (the training loop alone), else the wall time."""
+    train = run.train_time()
+    return train if math.isfinite(train) else run.wall_time()
+
+
+def controls_table(groups: list[Group]) -> Table | None:
+    """Per setting against the reference, the first setting whose runs are all plain
+    (:func:`is_plain`): test accuracy at the end and at its best evaluation, accept rate,
+    and the mean training time (``time/train_s``, else wall time) over the reference's.
+    None when fewer than two settings, or none or all of them plain (a study of the plain
+    network alone, such as a width sweep, has no controls to show)."""
+    plain = [bool(g.runs) and all(is_plain(r) for r in g.runs) for g in groups]
+    if len(groups) < 2 or all(plain) or not any(plain):
+        return None
+    reference = groups[plain.index(True)]
+    ref_time, _, _ = stats.mean_std([training_seconds(r) for r in reference.runs])
+    rows = []
+    for g in groups:
+        mean_time, _, k = stats.mean_std([training_seconds(r) for r in g.runs])
+        ratio = mean_time / ref_time if k and ref_time > 0 else math.nan
+        guarded = [r.accept_rate() for r in g.runs if r.has_guard]
+        rows.append([
+            g.label,
+            stats.format_mean_std([r.final(runlog.VAL_ACC) for r in g.runs]),
+            stats.format_mean_std([r.largest(runlog.VAL_ACC) for r in g.runs]),
+            str(len(g.runs)),
+            stats.format_mean_std(guarded) if guarded else "–",
+            "–" if not math.isfinite(ratio) else f"{ratio:.2f}x",
+        ])
+    return Table(
+        f"Controls (mean ± std over seeds; time ratio to {reference.label})",
+        ["setting", "test acc (final)", "test acc (best evaluation)", "seeds",
+         "guard accept rate", "train time ratio"],
+        rows,
+    )
 
 
 def ordered_layers(runs: list[Run]) -> list[str]:
