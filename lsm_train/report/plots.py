@@ -1,7 +1,9 @@
 """Report plots (PNG, matplotlib's Agg backend): per run, and per setting for sweeps.
 
 ``<run>_lsm.png`` is the MD-LSM of each layer (drawn by :func:`lsm_train.plots.draw_layers`,
-as in the app's ``summary.png``) with the accuracy on a twin axis; ``<run>_sync.png`` the
+as in the app's ``summary.png``) as ``1 − m`` on a log axis (:func:`draw_layer_gaps`: clipped
+at ``GAP_FLOOR`` for m = 1, axis inverted so that up is more separable; 0.999 and 0.9999 are
+a decade apart), with the accuracy on a twin axis; ``<run>_sync.png`` the
 change of MD-LSM against the change of accuracy; for sweeps ``lsm_grid.png`` (one panel per
 setting), ``final_acc_bars.png`` and ``final_lsm_bars.png``. See ``docs/report.md``.
 """
@@ -19,7 +21,11 @@ from lsm_train.report.groups import Group
 from lsm_train.report.runs import Run
 from lsm_train.report.tables import ordered_layers
 
-__all__ = ["plot_run", "plot_grid", "plot_layer_bars", "plot_acc_bars", "slug"]
+__all__ = ["plot_run", "plot_grid", "plot_layer_bars", "plot_acc_bars", "slug",
+           "draw_layer_gaps", "gap_records", "GAP_FLOOR", "GAP_LABEL"]
+
+GAP_FLOOR = 1e-6  # 1 − m is drawn as at least this (m = 1 has no place on a log axis)
+GAP_LABEL = "1 − MD-LSM (log; up = more separable)"
 
 
 def slug(text: str) -> str:
@@ -27,10 +33,35 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
 
 
+def gap_records(records: list[dict], floor: float = GAP_FLOOR) -> list[dict]:
+    """The records with every per-layer MD-LSM value m (``lsm/`` and ``val_lsm/`` layer
+    keys) replaced by max(1 − m, floor); other keys unchanged, non-numbers dropped."""
+    out = []
+    for record in records:
+        row = dict(record)
+        for key, value in record.items():
+            if runlog.layer_of(key, runlog.LSM) or runlog.layer_of(key, runlog.VAL_LSM):
+                m = runlog.to_float(value)
+                row[key] = max(1.0 - m, floor) if math.isfinite(m) else None
+        out.append(row)
+    return out
+
+
+def draw_layer_gaps(ax, records: list[dict], *, test: bool = False,
+                    floor: float = GAP_FLOOR, **style) -> list[str]:
+    """1 − MD-LSM of every layer on a log y axis (inverted: up = more separable), clipped
+    at ``floor``; colours and dashes as :func:`lsm_train.plots.draw_layers`."""
+    layers = plots.draw_layers(ax, gap_records(records, floor), test=test, **style)
+    ax.set_yscale("log")
+    if not ax.yaxis_inverted():
+        ax.invert_yaxis()
+    return layers
+
+
 def _plot_lsm(ax, run: Run, title: str, legend: bool = False) -> None:
-    """MD-LSM per layer on ``ax`` (own y range: trained layers crowd near 1) and the
-    accuracy (dashed) on a twin axis in [0, 1]."""
-    plots.draw_layers(ax, run.records, marker=".", ms=3, lw=1)
+    """1 − MD-LSM per layer on ``ax`` (log, inverted: trained layers crowd near m = 1) and
+    the accuracy (dashed) on a twin axis in [0, 1]."""
+    draw_layer_gaps(ax, run.records, marker=".", ms=3, lw=1)
     key = run.sync_acc_key
     steps, acc = run.aligned(key)
     twin = ax.twinx()
@@ -44,7 +75,7 @@ def _plot_lsm(ax, run: Run, title: str, legend: bool = False) -> None:
     if legend:
         lines = ax.get_lines() + twin.get_lines()
         ax.legend(lines, [ln.get_label() for ln in lines], fontsize=6, loc="lower right")
-        ax.set_ylabel("MD-LSM (train probe)", fontsize=8)
+        ax.set_ylabel(f"{GAP_LABEL}, train probe", fontsize=8)
         twin.set_ylabel(f"{key} (dashed)", fontsize=8)
 
 
@@ -93,8 +124,9 @@ def plot_grid(groups: list[Group], out: Path, max_panels: int = 36) -> Path:
         _plot_lsm(ax, g.runs[0], g.label, legend=i == 0)
     for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")
-    fig.suptitle("MD-LSM per layer (coloured, left axis) and accuracy (dashed, right axis) "
-                 "against step; first run of each setting", fontsize=9)
+    fig.suptitle("1 − MD-LSM per layer (coloured, left log axis, up = more separable) and "
+                 "accuracy (dashed, right axis) against step; first run of each setting",
+                 fontsize=9)
     fig.tight_layout()
     path = out / "lsm_grid.png"
     fig.savefig(path, dpi=90)
