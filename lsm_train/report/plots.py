@@ -35,7 +35,8 @@ def slug(text: str) -> str:
 
 def gap_records(records: list[dict], floor: float = GAP_FLOOR) -> list[dict]:
     """The records with every per-layer MD-LSM value m (``lsm/`` and ``val_lsm/`` layer
-    keys) replaced by max(1 − m, floor); other keys unchanged, non-numbers dropped."""
+    keys) replaced by max(1 − m, floor); other keys unchanged; a non-number becomes None
+    (not drawn)."""
     out = []
     for record in records:
         row = dict(record)
