@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hardness import BENCHMARKS as HARDNESS_BENCHMARKS  # noqa: E402
-from hardness import data_config  # noqa: E402
+from hardness import data_config, linear_probe_accuracy  # noqa: E402
 
 import lsm_train as lt  # noqa: E402
 from lsm_train import stats  # noqa: E402
@@ -53,18 +53,14 @@ EPOCHS = {"teacher": (12, 3), "digits_noisy": (30, 8), "digits_small": (150, 40)
 
 
 def probe_accuracy(H: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
-    """Cross-fitted linear-probe accuracy: logistic regression (C=1) on standardised
-    features, fitted on one stratified half and scored on the other, averaged both ways."""
-    from sklearn.linear_model import LogisticRegression
+    """Cross-fitted linear-probe accuracy: bench/hardness.py's probe (logistic regression,
+    C=1, standardised features) fitted on one stratified half and scored on the other,
+    averaged both ways."""
     from sklearn.model_selection import StratifiedKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
-    accs = []
-    for fit, ev in StratifiedKFold(2, shuffle=True, random_state=seed).split(H, y):
-        clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
-        accs.append(clf.fit(H[fit], y[fit]).score(H[ev], y[ev]))
-    return float(np.mean(accs))
+    folds = StratifiedKFold(2, shuffle=True, random_state=seed).split(H, y)
+    return float(np.mean([linear_probe_accuracy(H[fit], y[fit], H[ev], y[ev])
+                          for fit, ev in folds]))
 
 
 def layer_scores(H: torch.Tensor, y: torch.Tensor, method: str) -> dict[str, float]:
