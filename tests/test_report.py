@@ -666,3 +666,20 @@ def test_summary_png_draws_train_and_test_gaps_on_a_log_axis(tmp_path, monkeypat
     np.testing.assert_allclose(train, [0.1, 0.01, 1e-6], rtol=1e-9)
     np.testing.assert_allclose(test, [0.11, 0.02, 0.01], rtol=1e-9)
     assert _is_png(tmp_path / "summary.png")
+
+
+def test_final_layer_markers_are_one_minus_mean_m_on_a_log_axis(tmp_path, monkeypatch):
+    kept = _kept_figures(monkeypatch)
+    root = make_sweep(tmp_path / "sweep")
+    report.build_report(root, tmp_path / "out", threshold=0.9)
+    fig = next(f for f in kept if f.axes and f.axes[0].get_title().startswith("Final per-layer"))
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log" and ax.yaxis_inverted()
+    finals = {"relu": [0.80, 0.90, 1.00], "tanh": [0.70, 0.70, 0.70]}  # make_sweep's
+    for container, (act, accs) in zip(ax.containers, finals.items(), strict=True):
+        sign = 1.0 if act == "relu" else -1.0
+        m_fc1 = [0.75 + sign * 0.2 * a for a in accs]  # lockstep_rows at the last row
+        m_fc2 = [0.5 + a / 2 for a in accs]
+        expected = [1 - np.mean(m_fc1), 1 - np.mean(m_fc2)]
+        got = np.asarray(container.lines[0].get_ydata(), dtype=float)
+        np.testing.assert_allclose(got, expected, rtol=1e-9)

@@ -5,7 +5,8 @@ as in the app's ``summary.png``) as ``1 − m`` on a log axis (:func:`draw_layer
 at ``GAP_FLOOR`` for m = 1, axis inverted so that up is more separable; 0.999 and 0.9999 are
 a decade apart), with the accuracy on a twin axis; ``<run>_sync.png`` the
 change of MD-LSM against the change of accuracy; for sweeps ``lsm_grid.png`` (one panel per
-setting), ``final_acc_bars.png`` and ``final_lsm_bars.png``. See ``docs/report.md``.
+setting), ``final_acc_bars.png`` and ``final_lsm_bars.png`` (final 1 − m per layer and
+setting, on the same log axis). See ``docs/report.md``.
 """
 
 from __future__ import annotations
@@ -145,11 +146,10 @@ def _short_labels(groups: list[Group]) -> tuple[list[str], str | None]:
 
 
 def plot_layer_bars(groups: list[Group], out: Path) -> Path:
-    """Grouped bars: final MD-LSM of the k-th hidden layer, one bar per setting (± std).
-
-    The y axis is zoomed to the data (MD-LSM lies in [0.5, 1]; trained layers are often
-    close to 1, where a full-range axis would hide the differences).
-    """
+    """Final 1 − MD-LSM of the k-th hidden layer, one marker per setting (± std over seeds),
+    on an inverted log axis (up = more separable; clipped at ``GAP_FLOOR``), so that
+    settings at 0.999 and 0.9999 are a decade apart. The file keeps its name
+    ``final_lsm_bars.png``."""
     import matplotlib.pyplot as plt
 
     names = [ordered_layers(g.runs) for g in groups]
@@ -158,25 +158,25 @@ def plot_layer_bars(groups: list[Group], out: Path) -> Path:
     labels, title = _short_labels(groups)
     width = 0.8 / len(groups)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * depth + 0.2 * len(groups) * depth), 4.2))
-    low = 1.0
     for i, (g, layers) in enumerate(zip(groups, names, strict=True)):
-        means, stds = [], []
+        gaps, low, high = [], [], []
         for layer in layers:
             m, s, _ = stats.mean_std([r.final(runlog.LSM + layer) for r in g.runs])
-            means.append(m)
-            stds.append(0.0 if math.isnan(s) else s)
-            if math.isfinite(m):
-                low = min(low, m - stds[-1])
+            s = 0.0 if math.isnan(s) else s
+            gap = max(1.0 - m, GAP_FLOOR) if math.isfinite(m) else math.nan
+            gaps.append(gap)
+            low.append(gap - max(gap - s, GAP_FLOOR) if math.isfinite(gap) else 0.0)
+            high.append(s if math.isfinite(gap) else 0.0)
         x = np.arange(len(layers)) + (i - (len(groups) - 1) / 2) * width
-        ax.bar(x, means, width, yerr=stds, capsize=2, label=labels[i])
+        ax.errorbar(x, gaps, yerr=[low, high], fmt="o", ms=5, capsize=2, label=labels[i])
+    ax.set_yscale("log")
+    ax.invert_yaxis()
     ax.set_xticks(np.arange(depth))
     ax.set_xticklabels(
         names[0] if same else [f"hidden {k + 1}" for k in range(depth)], rotation=20, fontsize=7
     )
-    pad = max(0.002, 0.1 * (1.0 - low))
-    ax.set_ylim(max(0.5, low - pad), 1.0 + pad / 2)
-    ax.set_ylabel("final MD-LSM (train probe)")
-    ax.set_title("Final per-layer MD-LSM by setting (mean ± std over seeds)", fontsize=9)
+    ax.set_ylabel(f"final {GAP_LABEL}, train probe", fontsize=8)
+    ax.set_title("Final per-layer 1 − MD-LSM by setting (mean ± std over seeds)", fontsize=9)
     ax.legend(fontsize=7, title=title, title_fontsize=7, loc="upper left",
               bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
