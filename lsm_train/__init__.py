@@ -22,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "md_lsm": "lsm_train.measures.degree",
     "md_lsm_margin": "lsm_train.measures.margin",
     "layer_separability": "lsm_train.measures.layer",
+    "hard_pair_score": "lsm_train.measures.hard_pairs",
     "soft_md_lsm": "lsm_train.measures.soft",
     "LabelLayout": "lsm_train.measures.soft",
     "HiddenCapture": "lsm_train.capture",

@@ -1,7 +1,8 @@
 """End-of-run outputs of the app: ``summary.png`` and a terminal summary, from ``metrics.jsonl``.
 
 The PNG has two panels against the step: the cross-fitted MD-LSM of every hidden layer on
-the training probe (solid) and on the test set (dashed), and the train/probe/val accuracy.
+the training probe (solid) and on the test set (dashed), drawn as 1 − m on a log axis
+(:func:`lsm_train.report.plots.draw_layer_gaps`), and the train/probe/val accuracy.
 The text lists, per layer, the MD-LSM at the first and the last monitor step, then the final
 accuracies, the step count, the wall time and, with the guard, its acceptance rate.
 Records are read through :mod:`lsm_train.runlog`; ``lsm-report`` draws its per-run panels
@@ -57,11 +58,13 @@ def summary_png(metrics: str | Path, out: str | Path, *, title: str = "") -> Pat
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    from lsm_train.report.plots import GAP_LABEL, draw_layer_gaps
+
     records = runlog.read_metrics(metrics)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    layers = draw_layers(ax1, records, test=True)
+    layers = draw_layer_gaps(ax1, records, test=True)
     ax1.set_xlabel("step")
-    ax1.set_ylabel("MD-LSM (cross-fitted)")
+    ax1.set_ylabel(f"{GAP_LABEL}, cross-fitted")
     ax1.set_title("hidden-layer separability (solid: train probe, dashed: test)")
     if layers:
         ax1.legend(fontsize=7, loc="lower right")

@@ -14,6 +14,14 @@ training accuracy ``a_0, ..., a_T`` at the same consecutive log points, form the
   finite (zeros kept; ties get average ranks, as in ``scipy.stats.spearmanr``). NaN when
   fewer than 2 intervals remain or either series is constant (no ranking exists).
 
+Shuffled baseline (``same_sign_test``): pooled over several aligned change series (one per
+run and layer), the same-sign fraction is compared with the fractions obtained when each
+score series' changes are permuted within its own series (over the intervals where neither
+change is 0). The permutation keeps how often each series rises, so a series that rises
+almost always against an accuracy that rises almost always does not look synchronous by
+that alone. ``baseline`` is the mean permuted fraction, ``p_value`` the one-sided
+(1 + #{permuted >= observed}) / (1 + permutations).
+
 The *learning phase* restricts both statistics to the log points up to the first one where
 the accuracy reaches a threshold (``learning_phase``): after that, accuracy changes are mostly
 noise around its plateau.
@@ -35,6 +43,8 @@ __all__ = [
     "Synchronicity",
     "changes",
     "same_sign_fraction",
+    "SameSignTest",
+    "same_sign_test",
     "spearman",
     "synchronicity",
     "steps_to_threshold",
@@ -88,6 +98,42 @@ def same_sign_fraction(dx, dy) -> tuple[float, int]:
         return math.nan, 0
     agree = np.sign(dx[used]) == np.sign(dy[used])
     return float(agree.mean()), n
+
+
+@dataclass(frozen=True)
+class SameSignTest:
+    """Pooled same-sign fraction of several change series against its shuffled baseline."""
+
+    fraction: float  # observed, pooled over the used intervals of every series
+    baseline: float  # mean fraction with each series' score changes permuted
+    p_value: float  # one-sided: permuted fraction >= observed
+    used: int  # intervals where neither change is 0 (nor non-finite), over all series
+
+
+def same_sign_test(series, permutations: int = 2000, seed: int = 0) -> SameSignTest:
+    """Same-sign fraction of ``series`` = [(dx, dy), ...] (aligned changes of a score and of
+    the accuracy, one pair per run/layer) against permutations of each ``dx`` within its
+    own series (module docstring). NaN fields when no interval carries a sign."""
+    if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 1:
+        raise ValueError(f"permutations: expected an integer >= 1, got {permutations!r}")
+    signs_x, signs_y = [], []
+    for dx, dy in series:
+        dx, dy = _pair(dx, dy)
+        used = (dx != 0) & (dy != 0)
+        signs_x.append(np.sign(dx[used]))
+        signs_y.append(np.sign(dy[used]))
+    n = sum(a.size for a in signs_x)
+    if n == 0:
+        return SameSignTest(math.nan, math.nan, math.nan, 0)
+    observed = sum(int((a == b).sum()) for a, b in zip(signs_x, signs_y, strict=True))
+    rng = np.random.default_rng(seed)
+    null = np.zeros(permutations)
+    for a, b in zip(signs_x, signs_y, strict=True):
+        if a.size:
+            perm = rng.permuted(np.tile(a, (permutations, 1)), axis=1)
+            null += (perm == b).sum(1)
+    p = (1 + int((null >= observed).sum())) / (1 + permutations)
+    return SameSignTest(observed / n, float(null.mean()) / n, p, n)
 
 
 def spearman(x, y) -> float:

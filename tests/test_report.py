@@ -722,3 +722,75 @@ def test_paper_recipe_subprocess_smoke(recipe, tmp_path):
                           env={**os.environ, "WANDB_MODE": "offline"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(report.load_runs(tmp_path / "sweep")) == 1
+
+
+def _kept_figures(monkeypatch) -> list:
+    """Figures the plot functions close, kept open for inspection (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    return kept
+
+
+def _layer_lines(ax) -> dict[str, np.ndarray]:
+    return {ln.get_label(): np.asarray(ln.get_ydata(), float) for ln in ax.get_lines()
+            if not ln.get_label().startswith("_")}
+
+
+def test_lsm_curves_are_one_minus_m_on_an_inverted_log_axis(tmp_path, monkeypatch):
+    from lsm_train.report import plots as report_plots
+
+    kept = _kept_figures(monkeypatch)
+    rows = lockstep_rows(ACC)
+    rows[-1]["lsm/fc2"] = 1.0  # m = 1: drawn at the floor
+    rows[2]["lsm/fc1"] = 0.999
+    rows[3]["lsm/fc1"] = 0.9999
+    run_dir = write_run(tmp_path / "run", rows, overrides=["model=mlp", "seed=0"])
+    report.build_report(run_dir, tmp_path / "out", threshold=0.5)
+    ax = kept[0].axes[0]  # <run>_lsm.png, the MD-LSM axis
+    assert ax.get_yscale() == "log" and ax.yaxis_inverted()
+    assert "1 − MD-LSM (log" in ax.get_ylabel()
+    lines = _layer_lines(ax)
+    expected_fc1 = np.maximum(1 - np.array([r["lsm/fc1"] for r in rows]), report_plots.GAP_FLOOR)
+    np.testing.assert_allclose(lines["fc1"], expected_fc1, rtol=1e-9)
+    assert lines["fc2"][-1] == report_plots.GAP_FLOOR
+    np.testing.assert_allclose(lines["fc2"][:-1], [1 - r["lsm/fc2"] for r in rows[:-1]],
+                               rtol=1e-9)
+    assert lines["fc1"][2] / lines["fc1"][3] == pytest.approx(10.0)  # a decade apart
+
+
+def test_summary_png_draws_train_and_test_gaps_on_a_log_axis(tmp_path, monkeypatch):
+    from lsm_train import plots
+
+    kept = _kept_figures(monkeypatch)
+    rows = [{"step": s, "lsm/fc1": m, "val_lsm/fc1": m - 0.01, "train/acc": 0.5}
+            for s, m in ((0, 0.9), (10, 0.99), (20, 1.0))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plots.summary_png(tmp_path / "metrics.jsonl", tmp_path / "summary.png")
+    ax = kept[0].axes[0]
+    assert ax.get_yscale() == "log" and "1 − MD-LSM" in ax.get_ylabel()
+    train, test = (np.asarray(ln.get_ydata(), float) for ln in ax.get_lines()[:2])
+    np.testing.assert_allclose(train, [0.1, 0.01, 1e-6], rtol=1e-9)
+    np.testing.assert_allclose(test, [0.11, 0.02, 0.01], rtol=1e-9)
+    assert _is_png(tmp_path / "summary.png")
+
+
+def test_final_layer_markers_are_one_minus_mean_m_on_a_log_axis(tmp_path, monkeypatch):
+    kept = _kept_figures(monkeypatch)
+    root = make_sweep(tmp_path / "sweep")
+    report.build_report(root, tmp_path / "out", threshold=0.9)
+    fig = next(f for f in kept if f.axes and f.axes[0].get_title().startswith("Final per-layer"))
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log" and ax.yaxis_inverted()
+    finals = {"relu": [0.80, 0.90, 1.00], "tanh": [0.70, 0.70, 0.70]}  # make_sweep's
+    for container, (act, accs) in zip(ax.containers, finals.items(), strict=True):
+        sign = 1.0 if act == "relu" else -1.0
+        m_fc1 = [0.75 + sign * 0.2 * a for a in accs]  # lockstep_rows at the last row
+        m_fc2 = [0.5 + a / 2 for a in accs]
+        expected = [1 - np.mean(m_fc1), 1 - np.mean(m_fc2)]
+        got = np.asarray(container.lines[0].get_ydata(), dtype=float)
+        np.testing.assert_allclose(got, expected, rtol=1e-9)

@@ -50,12 +50,19 @@ dropped, and for ``ovr`` their samples are dropped from "rest") with a ``UserWar
 fewer than 2 splittable classes raise ValueError. ``holdout`` is only defined for
 ``method="degree"`` and ``method="fisher"``.
 
+**Aggregate.** ``aggregate="mean"`` (default, the paper's score) averages the per-problem
+values; ``aggregate="worst"`` is the hard-pair score
+(:func:`~lsm_train.measures.hard_pairs.hard_pair_score`): the mean of the ``worst_k``
+smallest values (default ⌈P/10⌉ of the P problems, the worst decile).
+
 ``return_details=True`` returns ``(score, details)`` with ``details["pairs"]`` =
 {(i, j): value} (pairwise, i < j class labels) or {(c, "rest"): value} (ovr),
-``details["classes"]`` the sorted class labels used, and ``details["skipped"]`` the classes
-left out (cross-fitting only). The score is the plain mean of ``details["pairs"]``. For
-``method="soft"`` the per-pair values are the surrogate on the samples of that pair alone
-(its own pooled covariance), so their mean can differ slightly from the score.
+``details["classes"]`` the sorted class labels used, ``details["skipped"]`` the classes
+left out (cross-fitting only), and ``details["aggregate"]`` / ``details["worst_k"]`` (the k
+used, None for the mean). The score is the mean (or the worst-k mean) of
+``details["pairs"]``. For ``method="soft"`` the per-pair values are the surrogate on the
+samples of that pair alone (its own pooled covariance), so with ``aggregate="mean"`` their
+mean can differ slightly from the score; the worst-k score is computed from them.
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ from .._validation import _as_float, check_features_labels, check_fraction, to_t
 from ..features import reduce_features
 from .directions import Problems, auc2_counts, check_int, exact_u2, fit_directions, row_scores
 from .fisher import FisherLayout, crossfit_classes, fisher_values, stratified_split
+from .hard_pairs import AGGREGATES, hard_pair_score, resolve_k
 from .soft import soft_md_lsm
 
 __all__ = ["layer_separability", "METHODS", "SCHEMES"]
@@ -180,6 +188,8 @@ def layer_separability(
     *,
     max_iter: int = 30,
     subsample: int = 128,
+    aggregate: str = "mean",
+    worst_k: int | None = None,
 ) -> float | tuple[float, dict]:
     """Multi-class MD-LSM of a layer's features (module docstring has the definitions).
 
@@ -195,6 +205,10 @@ def layer_separability(
         seed: seeds the subsampling of the ascent and the holdout splits.
         max_iter, subsample: work of the degree's ascent per problem (0: candidates only);
             in-sample only (the cross-fitted score does not use the ascent).
+        aggregate: ``"mean"`` (over the class problems) or ``"worst"`` (the mean of the
+            ``worst_k`` smallest problem values, the hard-pair score).
+        worst_k: k of ``aggregate="worst"``, an integer >= 1 (None: ⌈P/10⌉ of P problems;
+            more than P: all, i.e. the mean).
 
     Returns the score (float), or ``(score, details)``.
     """
@@ -210,6 +224,13 @@ def layer_separability(
                 f" with holdout={holdout!r}. Use holdout=None."
             )
         holdout = check_fraction(holdout, "holdout")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate: expected one of {AGGREGATES}, got {aggregate!r}")
+    if worst_k is not None:
+        resolve_k(worst_k, 1)  # type and range check before any work
+        if aggregate != "worst":
+            raise ValueError(f"worst_k: only used with aggregate='worst', got worst_k="
+                             f"{worst_k!r} with aggregate={aggregate!r}")
     fit_kw = {
         "alphas": _ALPHAS,
         "n_random": 0,
@@ -238,25 +259,41 @@ def layer_separability(
             values = [float(md_lsm_margin(X[a], X[b])) for a, b in pairs]
         else:
             score = float(soft_md_lsm(X, labels, scheme=scheme))
+            if not return_details and aggregate == "mean":
+                return score
+            values = [_soft_pair(X, a, b) for a, b in pairs]
+            if aggregate == "worst":
+                score = hard_pair_score(values, worst_k)
             if not return_details:
                 return score
-            values = []
-            for a, b in pairs:
-                rows = torch.cat([a, b])
-                yy = torch.cat([torch.ones_like(a), torch.zeros_like(b)])
-                values.append(float(soft_md_lsm(X[rows], yy)))
-            return score, {"pairs": dict(zip(keys, values, strict=True)), "classes": classes,
-                           "skipped": [], "method": method, "scheme": scheme,
-                           "holdout": holdout}
+            return score, _details(keys, values, classes, [], method, scheme, holdout,
+                                   aggregate, worst_k)
 
-    score = float(sum(values) / len(values))
+    if aggregate == "worst":
+        score = hard_pair_score(values, worst_k)
+    else:
+        score = float(sum(values) / len(values))
     if not return_details:
         return score
-    return score, {
+    return score, _details(keys, values, classes, skipped, method, scheme, holdout, aggregate,
+                           worst_k)
+
+
+def _soft_pair(X: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    """The surrogate on the samples of one problem alone."""
+    rows = torch.cat([a, b])
+    yy = torch.cat([torch.ones_like(a), torch.zeros_like(b)])
+    return float(soft_md_lsm(X[rows], yy))
+
+
+def _details(keys, values, classes, skipped, method, scheme, holdout, aggregate, worst_k):
+    return {
         "pairs": dict(zip(keys, values, strict=True)),
         "classes": classes,
         "skipped": skipped,
         "method": method,
         "scheme": scheme,
         "holdout": holdout,
+        "aggregate": aggregate,
+        "worst_k": resolve_k(worst_k, len(values)) if aggregate == "worst" else None,
     }

@@ -1,9 +1,12 @@
 """Report plots (PNG, matplotlib's Agg backend): per run, and per setting for sweeps.
 
 ``<run>_lsm.png`` is the MD-LSM of each layer (drawn by :func:`lsm_train.plots.draw_layers`,
-as in the app's ``summary.png``) with the accuracy on a twin axis; ``<run>_sync.png`` the
+as in the app's ``summary.png``) as ``1 − m`` on a log axis (:func:`draw_layer_gaps`: clipped
+at ``GAP_FLOOR`` for m = 1, axis inverted so that up is more separable; 0.999 and 0.9999 are
+a decade apart), with the accuracy on a twin axis; ``<run>_sync.png`` the
 change of MD-LSM against the change of accuracy; for sweeps ``lsm_grid.png`` (one panel per
-setting), ``final_acc_bars.png`` and ``final_lsm_bars.png``. See ``docs/report.md``.
+setting), ``final_acc_bars.png`` and ``final_lsm_bars.png`` (final 1 − m per layer and
+setting, on the same log axis). See ``docs/report.md``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,11 @@ from lsm_train.report.groups import Group
 from lsm_train.report.runs import Run
 from lsm_train.report.tables import ordered_layers
 
-__all__ = ["plot_run", "plot_grid", "plot_layer_bars", "plot_acc_bars", "slug"]
+__all__ = ["plot_run", "plot_grid", "plot_layer_bars", "plot_acc_bars", "slug",
+           "draw_layer_gaps", "gap_records", "GAP_FLOOR", "GAP_LABEL"]
+
+GAP_FLOOR = 1e-6  # 1 − m is drawn as at least this (m = 1 has no place on a log axis)
+GAP_LABEL = "1 − MD-LSM (log; up = more separable)"
 
 
 def slug(text: str) -> str:
@@ -27,10 +34,36 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
 
 
+def gap_records(records: list[dict], floor: float = GAP_FLOOR) -> list[dict]:
+    """The records with every per-layer MD-LSM value m (``lsm/`` and ``val_lsm/`` layer
+    keys) replaced by max(1 − m, floor); other keys unchanged; a non-number becomes None
+    (not drawn)."""
+    out = []
+    for record in records:
+        row = dict(record)
+        for key, value in record.items():
+            if runlog.layer_of(key, runlog.LSM) or runlog.layer_of(key, runlog.VAL_LSM):
+                m = runlog.to_float(value)
+                row[key] = max(1.0 - m, floor) if math.isfinite(m) else None
+        out.append(row)
+    return out
+
+
+def draw_layer_gaps(ax, records: list[dict], *, test: bool = False,
+                    floor: float = GAP_FLOOR, **style) -> list[str]:
+    """1 − MD-LSM of every layer on a log y axis (inverted: up = more separable), clipped
+    at ``floor``; colours and dashes as :func:`lsm_train.plots.draw_layers`."""
+    layers = plots.draw_layers(ax, gap_records(records, floor), test=test, **style)
+    ax.set_yscale("log")
+    if not ax.yaxis_inverted():
+        ax.invert_yaxis()
+    return layers
+
+
 def _plot_lsm(ax, run: Run, title: str, legend: bool = False) -> None:
-    """MD-LSM per layer on ``ax`` (own y range: trained layers crowd near 1) and the
-    accuracy (dashed) on a twin axis in [0, 1]."""
-    plots.draw_layers(ax, run.records, marker=".", ms=3, lw=1)
+    """1 − MD-LSM per layer on ``ax`` (log, inverted: trained layers crowd near m = 1) and
+    the accuracy (dashed) on a twin axis in [0, 1]."""
+    draw_layer_gaps(ax, run.records, marker=".", ms=3, lw=1)
     key = run.sync_acc_key
     steps, acc = run.aligned(key)
     twin = ax.twinx()
@@ -44,7 +77,7 @@ def _plot_lsm(ax, run: Run, title: str, legend: bool = False) -> None:
     if legend:
         lines = ax.get_lines() + twin.get_lines()
         ax.legend(lines, [ln.get_label() for ln in lines], fontsize=6, loc="lower right")
-        ax.set_ylabel("MD-LSM (train probe)", fontsize=8)
+        ax.set_ylabel(f"{GAP_LABEL}, train probe", fontsize=8)
         twin.set_ylabel(f"{key} (dashed)", fontsize=8)
 
 
@@ -93,8 +126,9 @@ def plot_grid(groups: list[Group], out: Path, max_panels: int = 36) -> Path:
         _plot_lsm(ax, g.runs[0], g.label, legend=i == 0)
     for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")
-    fig.suptitle("MD-LSM per layer (coloured, left axis) and accuracy (dashed, right axis) "
-                 "against step; first run of each setting", fontsize=9)
+    fig.suptitle("1 − MD-LSM per layer (coloured, left log axis, up = more separable) and "
+                 "accuracy (dashed, right axis) against step; first run of each setting",
+                 fontsize=9)
     fig.tight_layout()
     path = out / "lsm_grid.png"
     fig.savefig(path, dpi=90)
@@ -112,11 +146,10 @@ def _short_labels(groups: list[Group]) -> tuple[list[str], str | None]:
 
 
 def plot_layer_bars(groups: list[Group], out: Path) -> Path:
-    """Grouped bars: final MD-LSM of the k-th hidden layer, one bar per setting (± std).
-
-    The y axis is zoomed to the data (MD-LSM lies in [0.5, 1]; trained layers are often
-    close to 1, where a full-range axis would hide the differences).
-    """
+    """Final 1 − MD-LSM of the k-th hidden layer, one marker per setting (± std over seeds),
+    on an inverted log axis (up = more separable; clipped at ``GAP_FLOOR``), so that
+    settings at 0.999 and 0.9999 are a decade apart. The file keeps its name
+    ``final_lsm_bars.png``."""
     import matplotlib.pyplot as plt
 
     names = [ordered_layers(g.runs) for g in groups]
@@ -125,25 +158,25 @@ def plot_layer_bars(groups: list[Group], out: Path) -> Path:
     labels, title = _short_labels(groups)
     width = 0.8 / len(groups)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * depth + 0.2 * len(groups) * depth), 4.2))
-    low = 1.0
     for i, (g, layers) in enumerate(zip(groups, names, strict=True)):
-        means, stds = [], []
+        gaps, low, high = [], [], []
         for layer in layers:
             m, s, _ = stats.mean_std([r.final(runlog.LSM + layer) for r in g.runs])
-            means.append(m)
-            stds.append(0.0 if math.isnan(s) else s)
-            if math.isfinite(m):
-                low = min(low, m - stds[-1])
+            s = 0.0 if math.isnan(s) else s
+            gap = max(1.0 - m, GAP_FLOOR) if math.isfinite(m) else math.nan
+            gaps.append(gap)
+            low.append(gap - max(gap - s, GAP_FLOOR) if math.isfinite(gap) else 0.0)
+            high.append(s if math.isfinite(gap) else 0.0)
         x = np.arange(len(layers)) + (i - (len(groups) - 1) / 2) * width
-        ax.bar(x, means, width, yerr=stds, capsize=2, label=labels[i])
+        ax.errorbar(x, gaps, yerr=[low, high], fmt="o", ms=5, capsize=2, label=labels[i])
+    ax.set_yscale("log")
+    ax.invert_yaxis()
     ax.set_xticks(np.arange(depth))
     ax.set_xticklabels(
         names[0] if same else [f"hidden {k + 1}" for k in range(depth)], rotation=20, fontsize=7
     )
-    pad = max(0.002, 0.1 * (1.0 - low))
-    ax.set_ylim(max(0.5, low - pad), 1.0 + pad / 2)
-    ax.set_ylabel("final MD-LSM (train probe)")
-    ax.set_title("Final per-layer MD-LSM by setting (mean ± std over seeds)", fontsize=9)
+    ax.set_ylabel(f"final {GAP_LABEL}, train probe", fontsize=8)
+    ax.set_title("Final per-layer 1 − MD-LSM by setting (mean ± std over seeds)", fontsize=9)
     ax.legend(fontsize=7, title=title, title_fontsize=7, loc="upper left",
               bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
