@@ -5,8 +5,9 @@
   ``(x, y)`` and the accuracy on it.
 * :class:`LayerMonitor`: the trainer's monitor pass. One forward over the probe and one
   over the test set (its first ``test_size`` rows captured), then one scorer for every
-  layer: the batched Fisher pass (:func:`lsm_train.monitor.score_sets`, label layouts
-  built once) for ``method="fisher"``, :func:`score_layers` for the other methods.
+  layer: the batched Fisher pass (:func:`lsm_train.monitor.score_sets_mean_and_hard`,
+  label layouts built once; it also logs the hard-pair score ``lsm_hard/<layer>``) for
+  ``method="fisher"``, :func:`score_layers` for the other methods.
 
 All of them are DDP-aware through :mod:`lsm_train.distributed`, whose helpers do nothing in
 one process: rank r takes the rows ``r, r + W, ...``; counts and losses are summed over
@@ -29,7 +30,7 @@ from torch import nn
 
 from lsm_train import distributed as dist_utils
 from lsm_train.measures.fisher import FisherLayout
-from lsm_train.monitor import capture, score_layers, score_sets
+from lsm_train.monitor import capture, score_layers, score_sets_mean_and_hard
 from lsm_train.probe import eval_mode
 
 __all__ = ["evaluate", "capture_layers", "score_layers", "measure_layers", "layer_metrics",
@@ -134,10 +135,15 @@ def measure_layers(
     return score_layers(full, y, **kw), acc
 
 
-def layer_metrics(lsm: Mapping[str, float], val_lsm: Mapping[str, float]) -> dict[str, float]:
-    """``lsm/<layer>``, ``val_lsm/<layer>`` and their means over the finite layers."""
+def layer_metrics(lsm: Mapping[str, float], val_lsm: Mapping[str, float],
+                  hard: Mapping[str, float] | None = None,
+                  val_hard: Mapping[str, float] | None = None) -> dict[str, float]:
+    """``lsm/<layer>``, ``val_lsm/<layer>`` and their means over the finite layers; with
+    the hard-pair scores also ``lsm_hard/<layer>`` and ``val_lsm_hard/<layer>``."""
     out = {f"lsm/{k}": v for k, v in lsm.items()}
     out.update({f"val_lsm/{k}": v for k, v in val_lsm.items()})
+    out.update({f"lsm_hard/{k}": v for k, v in (hard or {}).items()})
+    out.update({f"val_lsm_hard/{k}": v for k, v in (val_hard or {}).items()})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN mean -> NaN
         out["lsm/mean"] = float(np.nanmean(list(lsm.values())))
@@ -179,35 +185,36 @@ class LayerMonitor:
             sets = {k: (f, y[r::w]) for k, (f, y) in sets.items()}
             scored = True
         stats = (probe["correct"], test["correct"], test["loss"])
-        scores, stats = self._score(sets if scored else {}, stats)
+        scores, hard, stats = self._score(sets if scored else {}, stats)
         correct_p, correct_t, loss_t = dist_utils.all_reduce_sum(stats, device=self.device)
         n_test = max(1, len(self.test))
         out = {"val/loss": loss_t / n_test, "val/acc": correct_t / n_test,
                "probe/acc": correct_p / max(1, px.shape[0])}
         if not scored:
             return out
-        lsm, val_lsm = scores["probe"], scores["test"]
+        found = [scores["probe"], scores["test"], *(hard[k] for k in ("probe", "test") if hard)]
         if not self.gather:
-            lsm, val_lsm = (_mean_over_ranks(s, self.layers) for s in (lsm, val_lsm))
-        out.update(layer_metrics(lsm, val_lsm))
+            found = [_mean_over_ranks(s, self.layers) for s in found]
+        out.update(layer_metrics(*found))
         return out
 
     def _score(self, sets: Mapping[str, tuple[dict[str, torch.Tensor], torch.Tensor]],
-               stats: tuple[torch.Tensor, ...]) -> tuple[dict[str, dict[str, float]], list[float]]:
-        """The scores of each set's layers and ``stats`` read to the host (the batched
-        Fisher pass reads both at once)."""
+               stats: tuple[torch.Tensor, ...]) -> tuple[dict, dict, list[float]]:
+        """The scores of each set's layers, their hard-pair scores (fisher only, else {})
+        and ``stats`` read to the host (the batched Fisher pass reads all at once)."""
         if self.method != "fisher":
             scores = {k: score_layers({n: H.cpu() for n, H in f.items()}, y, method=self.method,
                                       holdout=self.holdout, seed=self.seed)
                       for k, (f, y) in sets.items()}
-            return scores, [float(t) for t in stats]
+            return scores, {}, [float(t) for t in stats]
         keys = list(sets)
         layouts = [self._layout(k, sets[k][1]) for k in keys]
         pairs = [(sets[k][0], lay) if lay is not None else ({}, None)
                  for k, lay in zip(keys, layouts, strict=True)]
-        found, values = score_sets(pairs, extra=stats)
+        means, hards, values = score_sets_mean_and_hard(pairs, extra=stats)
         nan = dict.fromkeys(self.layers, math.nan)
-        return {k: s or nan for k, s in zip(keys, found, strict=True)}, values
+        return ({k: s or nan for k, s in zip(keys, means, strict=True)},
+                {k: s or nan for k, s in zip(keys, hards, strict=True)}, values)
 
     def _layout(self, key: str, labels: torch.Tensor) -> FisherLayout | None:
         """The Fisher layout of the probe (or test) labels, built once; None when those

@@ -32,10 +32,11 @@ from torch import nn
 from lsm_train.capture import HiddenCapture
 from lsm_train.features import reduce_features
 from lsm_train.measures.fisher import FisherLayout, pair_scores, pair_values
+from lsm_train.measures.hard_pairs import worst_k_mean
 from lsm_train.measures.layer import layer_separability
 from lsm_train.probe import eval_mode
 
-__all__ = ["MonitorSchedule", "capture", "score_layers", "score_sets"]
+__all__ = ["MonitorSchedule", "capture", "score_layers", "score_sets", "score_sets_mean_and_hard"]
 
 
 def _batches(source: Any, batch_size: int):
@@ -93,8 +94,26 @@ def score_sets(
     ``(features by layer name, labels or a FisherLayout)``, with one host read at the end,
     which also reads the 0-dim tensors ``extra`` (e.g. correct counts). A layer with a
     non-finite feature scores NaN. Returns (one {layer: score} per set, extra as floats)."""
+    means, _, extra_values = score_sets_mean_and_hard(
+        sets, scheme=scheme, holdout=holdout, seed=seed, extra=extra)
+    return means, extra_values
+
+
+def score_sets_mean_and_hard(
+    sets: Iterable[tuple[Mapping[str, torch.Tensor], Any]],
+    *,
+    scheme: str = "pairwise",
+    holdout: float | None = 0.5,
+    seed: int = 0,
+    extra: Iterable[torch.Tensor] = (),
+    worst_k: int | None = None,
+) -> tuple[list[dict[str, float]], list[dict[str, float]], list[float]]:
+    """:func:`score_sets` plus the hard-pair score of every layer (the mean of its
+    ``worst_k`` smallest problem values, default ⌈P/10⌉: :func:`~lsm_train.hard_pair_score`),
+    from the same per-problem values and in the same host read. Returns (means per set,
+    hard-pair scores per set, extra as floats)."""
     sets = list(sets)
-    names, means = [], []
+    names, values = [], []
     for feats, labels in sets:
         if not feats:
             names.append([])
@@ -108,16 +127,19 @@ def score_sets(
         order = [name for group in groups.values() for name in group]
         T = torch.cat([pair_scores(torch.stack([feats[n] for n in group]), layout)
                        for group in groups.values()])
-        means.append(pair_values(T, layout).mean(1))  # (L,) in ``order``; NaN: not finite
+        per_problem = pair_values(T, layout)  # (L, P) in ``order``; NaN rows: not finite
+        values += [per_problem.mean(1), worst_k_mean(per_problem, worst_k)]
         names.append(order)
-    extra = [t.reshape(1).double().to(means[0].device if means else "cpu") for t in extra]
-    flat = torch.cat(means + extra).tolist() if (means or extra) else []  # the host read
-    out, at = [], 0
+    extra = [t.reshape(1).double().to(values[0].device if values else "cpu") for t in extra]
+    flat = torch.cat(values + extra).tolist() if (values or extra) else []  # the host read
+    means, hards, at = [], [], 0
     for (feats, _), layer_names in zip(sets, names, strict=True):
-        got = dict(zip(layer_names, flat[at : at + len(layer_names)], strict=True))
-        out.append({name: got[name] for name in feats if name in got})
-        at += len(layer_names)
-    return out, flat[at:]
+        n = len(layer_names)
+        for out, part in ((means, flat[at : at + n]), (hards, flat[at + n : at + 2 * n])):
+            got = dict(zip(layer_names, part, strict=True))
+            out.append({name: got[name] for name in feats if name in got})
+        at += 2 * n if n else 0
+    return means, hards, flat[at:]
 
 
 def score_layers(

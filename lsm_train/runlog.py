@@ -25,7 +25,8 @@ from typing import Any
 
 __all__ = [
     "METRICS_FILE", "STEP", "EPOCH", "LR", "TRAIN_LOSS", "TRAIN_ACC", "VAL_LOSS", "VAL_ACC",
-    "PROBE_ACC", "LSM", "VAL_LSM", "LSM_LOSS", "GUARD", "TIME", "PRETRAIN", "LAYER_PREFIXES",
+    "PROBE_ACC", "LSM", "VAL_LSM", "LSM_HARD", "VAL_LSM_HARD", "LSM_LOSS", "GUARD", "TIME",
+    "PRETRAIN", "LAYER_PREFIXES",
     "AGGREGATES", "LSM_MEAN", "VAL_LSM_MEAN", "GUARD_ACCEPT_RATE", "GUARD_ACCEPTED",
     "GUARD_REJECTED", "GUARD_CHECKS", "TIME_ELAPSED", "TIME_TRAIN", "TIME_MONITOR",
     "TIME_MONITOR_EVALUATIONS", "SCALARS", "PREFIXES", "is_schema_key", "is_counter",
@@ -48,8 +49,10 @@ PROBE_ACC = "probe/acc"  # the fixed training probe, same monitor call as lsm/<l
 # prefixes: ``<prefix><layer name>`` per hidden layer
 LSM = "lsm/"  # cross-fitted MD-LSM on the training probe
 VAL_LSM = "val_lsm/"  # the same on the test set
+LSM_HARD = "lsm_hard/"  # hard-pair score (mean of the worst problems), training probe
+VAL_LSM_HARD = "val_lsm_hard/"  # the same on the test set
 LSM_LOSS = "lsm_loss/"  # soft MD-LSM inside LSMLoss at the last step
-LAYER_PREFIXES = (LSM, VAL_LSM, LSM_LOSS)
+LAYER_PREFIXES = (LSM, VAL_LSM, LSM_HARD, VAL_LSM_HARD, LSM_LOSS)
 #: names under a layer prefix that are aggregates over layers, not layers.
 AGGREGATES = frozenset({"mean"})
 LSM_MEAN = LSM + "mean"
