@@ -185,20 +185,31 @@ def test_trainer_budget_mode_logs_the_fraction_and_ends_with_an_evaluation(tmp_p
         last["time/monitor_s"] / last["time/train_s"])
 
 
-def test_trainer_fisher_monitor_equals_the_fast_score_of_the_layers(tmp_path):
-    """The batched monitor pass (one forward per set, all layers in one pass) gives the
-    values of layer_separability(method="fisher") and the val loss/acc of evaluate()."""
+@pytest.mark.parametrize("method", ["fisher", "degree"])
+def test_trainer_monitor_equals_the_score_of_the_captured_layers(tmp_path, method):
+    """The monitor pass (one forward per set; for fisher all layers in one batched pass)
+    gives the values of layer_separability(method) on the captured features, the val
+    loss/acc of evaluate(), and for fisher the hard-pair score (aggregate="worst")."""
     from lsm_train.trainer import evaluate
 
-    cfg = compose(["recipe=quickstart", *SMALL, "trainer.monitor_every_n_steps=3"])
+    cfg = compose(["recipe=quickstart", *SMALL, "trainer.monitor_every_n_steps=3",
+                   f"lsm.monitor.method={method}"])
     t = Trainer(cfg, tmp_path)
     out = t.monitor()
     loss, acc = evaluate(t.module, t.data.test, t.device)
-    assert out["val/loss"] == pytest.approx(loss, rel=1e-9) and out["val/acc"] == acc
+    assert out["val/loss"] == pytest.approx(loss, rel=1e-6) and out["val/acc"] == acc
+    tol = 1e-9 if method == "fisher" else 1e-6
     for key, (x, y) in (("lsm", t.probe), ("val_lsm", t.test_probe)):
         t.module.eval()
         with torch.no_grad(), lt.HiddenCapture(t.module, t.layers) as feats:
             t.module(x)
         for name in t.layers:
-            ref = lt.layer_separability(feats[name], y, method="fisher", holdout=0.5, seed=0)
-            assert out[f"{key}/{name}"] == pytest.approx(ref, abs=1e-9)
+            kw = dict(method=method, holdout=0.5, seed=0)
+            ref = lt.layer_separability(feats[name], y, **kw)
+            assert out[f"{key}/{name}"] == pytest.approx(float(ref), abs=tol)
+            if method == "fisher":
+                hard = lt.layer_separability(feats[name], y, aggregate="worst", **kw)
+                assert out[f"{key}_hard/{name}"] == pytest.approx(hard, abs=tol)
+                assert out[f"{key}_hard/{name}"] <= out[f"{key}/{name}"] + 1e-12
+            else:
+                assert f"{key}_hard/{name}" not in out
