@@ -18,7 +18,11 @@ from typing import Any
 
 from lsm_train import runlog
 
-__all__ = ["series", "draw_layers", "summary_png", "summary_text"]
+__all__ = ["series", "draw_layers", "draw_layer_gaps", "gap_records", "summary_png",
+           "summary_text", "GAP_FLOOR", "GAP_LABEL"]
+
+GAP_FLOOR = 1e-6  # 1 − m is drawn as at least this (m = 1 has no place on a log axis)
+GAP_LABEL = "1 − MD-LSM (log; up = more separable)"
 
 
 def series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -51,14 +55,38 @@ def draw_layers(ax, records: Sequence[dict[str, Any]], *, test: bool = False,
     return layers
 
 
+def gap_records(records: list[dict], floor: float = GAP_FLOOR) -> list[dict]:
+    """The records with every per-layer MD-LSM value m (``lsm/`` and ``val_lsm/`` layer
+    keys) replaced by max(1 − m, floor); other keys unchanged; a non-number becomes None
+    (not drawn)."""
+    out = []
+    for record in records:
+        row = dict(record)
+        for key, value in record.items():
+            if runlog.layer_of(key, runlog.LSM) or runlog.layer_of(key, runlog.VAL_LSM):
+                m = runlog.to_float(value)
+                row[key] = max(1.0 - m, floor) if math.isfinite(m) else None
+        out.append(row)
+    return out
+
+
+def draw_layer_gaps(ax, records: list[dict], *, test: bool = False,
+                    floor: float = GAP_FLOOR, **style) -> list[str]:
+    """1 − MD-LSM of every layer on a log y axis (inverted: up = more separable), clipped
+    at ``floor``; colours and dashes as :func:`draw_layers`."""
+    layers = draw_layers(ax, gap_records(records, floor), test=test, **style)
+    ax.set_yscale("log")
+    if not ax.yaxis_inverted():
+        ax.invert_yaxis()
+    return layers
+
+
 def summary_png(metrics: str | Path, out: str | Path, *, title: str = "") -> Path:
     """Write the two-panel summary PNG of a run (``metrics.jsonl`` or its folder) to ``out``."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-
-    from lsm_train.report.plots import GAP_LABEL, draw_layer_gaps
 
     records = runlog.read_metrics(metrics)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))

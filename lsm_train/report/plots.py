@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lsm_train import plots, runlog, stats
+from lsm_train import runlog, stats
+from lsm_train.plots import GAP_FLOOR, GAP_LABEL, draw_layer_gaps, gap_records
 from lsm_train.report.groups import Group
 from lsm_train.report.runs import Run
 from lsm_train.report.tables import ordered_layers
@@ -25,39 +26,9 @@ from lsm_train.report.tables import ordered_layers
 __all__ = ["plot_run", "plot_grid", "plot_layer_bars", "plot_acc_bars", "slug",
            "draw_layer_gaps", "gap_records", "GAP_FLOOR", "GAP_LABEL"]
 
-GAP_FLOOR = 1e-6  # 1 − m is drawn as at least this (m = 1 has no place on a log axis)
-GAP_LABEL = "1 − MD-LSM (log; up = more separable)"
-
-
 def slug(text: str) -> str:
     """A file-name-safe version of ``text``."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
-
-
-def gap_records(records: list[dict], floor: float = GAP_FLOOR) -> list[dict]:
-    """The records with every per-layer MD-LSM value m (``lsm/`` and ``val_lsm/`` layer
-    keys) replaced by max(1 − m, floor); other keys unchanged; a non-number becomes None
-    (not drawn)."""
-    out = []
-    for record in records:
-        row = dict(record)
-        for key, value in record.items():
-            if runlog.layer_of(key, runlog.LSM) or runlog.layer_of(key, runlog.VAL_LSM):
-                m = runlog.to_float(value)
-                row[key] = max(1.0 - m, floor) if math.isfinite(m) else None
-        out.append(row)
-    return out
-
-
-def draw_layer_gaps(ax, records: list[dict], *, test: bool = False,
-                    floor: float = GAP_FLOOR, **style) -> list[str]:
-    """1 − MD-LSM of every layer on a log y axis (inverted: up = more separable), clipped
-    at ``floor``; colours and dashes as :func:`lsm_train.plots.draw_layers`."""
-    layers = plots.draw_layers(ax, gap_records(records, floor), test=test, **style)
-    ax.set_yscale("log")
-    if not ax.yaxis_inverted():
-        ax.invert_yaxis()
-    return layers
 
 
 def _plot_lsm(ax, run: Run, title: str, legend: bool = False) -> None:
