@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _bench import load_bench
 from scipy.stats import rankdata
 
 from lsm_train import report, runlog, stats
@@ -469,13 +470,7 @@ def test_controls_table_needs_a_plain_setting(tmp_path):
 
 
 def _results_figures():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "results_figures.py"
-    spec = importlib.util.spec_from_file_location("results_figures", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("results_figures")
 
 
 def test_results_figures_draw_a_controls_sweep(tmp_path):

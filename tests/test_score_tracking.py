@@ -4,12 +4,11 @@ scipy, and the bench's cross-fitted linear probe against scikit-learn by hand.""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _bench import load_bench
 from scipy.stats import hypergeom, spearmanr
 
 from lsm_train import stats
@@ -79,11 +78,7 @@ def test_spearman_of_levels_matches_scipy():
 
 
 def _bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "score_tracking.py"
-    spec = importlib.util.spec_from_file_location("score_tracking", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("score_tracking")
 
 
 def test_cross_fitted_probe_accuracy_by_hand():
