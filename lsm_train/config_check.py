@@ -25,9 +25,9 @@ from typing import Any
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
+from lsm_train._validation import SCHEMES
 from lsm_train.features import REDUCTIONS
 from lsm_train.guard.options import GUARD_MEASURES, SCOPES
-from lsm_train.measures.layer import SCHEMES
 from lsm_train.schedules import SCHEDULES
 
 __all__ = ["LSM_MODES", "validate_config", "check_keys", "allowed_keys"]

@@ -43,9 +43,11 @@ def test_check_choice_and_scheme():
 
 
 def test_one_definition_of_the_schemes():
-    from lsm_train.measures import soft
+    from lsm_train import config_check
+    from lsm_train.measures import layer, soft
 
-    assert soft.SCHEMES is v.SCHEMES
+    assert soft.SCHEMES is v.SCHEMES and layer.SCHEMES is v.SCHEMES
+    assert config_check.SCHEMES is v.SCHEMES
 
 
 def test_check_points_large_finite_values_pass_and_non_finite_are_found():

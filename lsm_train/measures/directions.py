@@ -17,9 +17,7 @@ from typing import Any
 
 import torch
 
-from lsm_train._validation import check_int
-
-__all__ = ["Problems", "auc2_counts", "check_int", "exact_u2", "fit_directions", "row_scores"]
+__all__ = ["Problems", "auc2_counts", "exact_u2", "fit_directions", "row_scores"]
 
 _TAU0, _TAU1 = 1.0, 0.02  # temperature schedule of the ascent (units: within-class std)
 _LR = 0.05  # Adam step of the ascent (unit directions in whitened coordinates)

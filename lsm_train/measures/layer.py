@@ -71,9 +71,17 @@ from typing import Any
 
 import torch
 
-from .._validation import _as_float, check_features_labels, check_fraction, to_tensor
+from .._validation import (
+    SCHEMES,
+    _as_float,
+    check_features_labels,
+    check_fraction,
+    check_int,
+    check_scheme,
+    to_tensor,
+)
 from ..features import reduce_features
-from .directions import Problems, auc2_counts, check_int, exact_u2, fit_directions, row_scores
+from .directions import Problems, auc2_counts, exact_u2, fit_directions, row_scores
 from .fisher import FisherLayout, crossfit_classes, fisher_values, stratified_split
 from .hard_pairs import AGGREGATES, hard_pair_score, resolve_k
 from .soft import soft_md_lsm
@@ -81,7 +89,6 @@ from .soft import soft_md_lsm
 __all__ = ["layer_separability", "METHODS", "SCHEMES"]
 
 METHODS = ("degree", "fisher", "margin", "soft")
-SCHEMES = ("pairwise", "ovr")
 _ALPHAS = (1e-6, 0.1, 1.0)  # shrinkage-LDA candidates (1.0: mean difference)
 # cross-fitting: shrinkage grid for the inner split, most regularized first ("lw": the
 # analytic Ledoit–Wolf intensity of the fitting part)
@@ -214,8 +221,7 @@ def layer_separability(
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
+    check_scheme(scheme)
     if holdout is not None:
         if method not in ("degree", "fisher"):
             raise ValueError(
