@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from lsm_train._validation import check_choice
+
 __all__ = ["REDUCTIONS", "reduce_features"]
 
 REDUCTIONS = ("auto", "avgpool", "flatten", "token_mean", "cls")
@@ -24,8 +26,7 @@ REDUCTIONS = ("auto", "avgpool", "flatten", "token_mean", "cls")
 
 def reduce_features(H: torch.Tensor, reduce: str = "auto") -> torch.Tensor:
     """Return an (N, d) view/reduction of ``H`` (differentiable; no copy for 2-D input)."""
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"reduce: expected one of {REDUCTIONS}, got {reduce!r}")
+    check_choice(reduce, "reduce", REDUCTIONS)
     if not isinstance(H, torch.Tensor):
         raise ValueError(f"H: expected a tensor here, got {type(H).__name__}")
     if H.ndim < 2:

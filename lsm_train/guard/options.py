@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from lsm_train._validation import check_fraction, check_int, check_positive
+from lsm_train._validation import check_choice, check_fraction, check_int, check_positive
 from lsm_train.probe import MEASURES
 
 __all__ = ["check_options", "SCOPES", "GUARD_MEASURES"]
@@ -37,8 +37,7 @@ def check_options(*, measure: Any, tau: float, z: float, groups: int, tolerance:
             f"accept_rate: only used with measure='random', got {accept_rate!r} with "
             f"measure={measure!r}"
         )
-    if scope not in SCOPES:
-        raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
+    check_choice(scope, "scope", SCOPES)
     max_retries = check_int(max_retries, "max_retries", minimum=0)
     if scope == "window" and max_retries:
         raise ValueError(

@@ -35,14 +35,14 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
         "lsm_train.integrations.lightning needs Lightning: pip install 'lsm_train[lightning]'"
     ) from err
 
+from lsm_train._validation import check_choice, check_int
 from lsm_train.capture import HiddenCapture, resolve_layers
 from lsm_train.features import reduce_features
+from lsm_train.measures.layer import METHODS
 from lsm_train.monitor import score_layers
 from lsm_train.probe import eval_mode
 
 __all__ = ["METHODS", "SeparabilityMonitor"]
-
-METHODS = ("degree", "fisher", "margin", "soft")
 
 
 class SeparabilityMonitor(Callback):
@@ -73,11 +73,8 @@ class SeparabilityMonitor(Callback):
         batch_size: int = 512,
         prefix: str = "lsm/",
     ) -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) \
-                or every_n_steps < 1:
-            raise ValueError(f"every_n_steps: expected an integer >= 1, got {every_n_steps!r}")
-        if method not in METHODS:
-            raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+        check_int(every_n_steps, "every_n_steps", 1)
+        check_choice(method, "method", METHODS)
         if not callable(probe) and not (isinstance(probe, (tuple, list)) and len(probe) == 2):
             raise ValueError(
                 "probe: expected an (inputs, labels) pair or a callable returning one, got "

@@ -74,6 +74,7 @@ import torch
 from .._validation import (
     SCHEMES,
     _as_float,
+    check_choice,
     check_features_labels,
     check_fraction,
     check_int,
@@ -219,8 +220,7 @@ def layer_separability(
 
     Returns the score (float), or ``(score, details)``.
     """
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    check_choice(method, "method", METHODS)
     check_scheme(scheme)
     if holdout is not None:
         if method not in ("degree", "fisher"):
@@ -230,8 +230,7 @@ def layer_separability(
                 f" with holdout={holdout!r}. Use holdout=None."
             )
         holdout = check_fraction(holdout, "holdout")
-    if aggregate not in AGGREGATES:
-        raise ValueError(f"aggregate: expected one of {AGGREGATES}, got {aggregate!r}")
+    check_choice(aggregate, "aggregate", AGGREGATES)
     if worst_k is not None:
         resolve_k(worst_k, 1)  # type and range check before any work
         if aggregate != "worst":

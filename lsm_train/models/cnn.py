@@ -14,8 +14,9 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
+from lsm_train._validation import check_choice
 from lsm_train.models.mlp import make_activation
-from lsm_train.models.registry import choice, int_list, positive_int, register_model
+from lsm_train.models.registry import int_list, positive_int, register_model
 
 __all__ = ["conv_block", "make_pool", "CNN", "cnn"]
 
@@ -98,5 +99,5 @@ def cnn(
     fc = positive_int(fc_width, "fc_width") if fc_width else None
     return CNN(
         in_channels, num_classes, image_size, int_list(channels, "channels"), ks, batchnorm,
-        choice(pool, "pool", POOLS), activation, fc,
+        check_choice(pool, "pool", POOLS), activation, fc,
     )

@@ -28,9 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lsm_train._validation import check_positive, to_tensor
+from lsm_train._validation import check_choice, check_positive, to_tensor
 from lsm_train.models.mlp import widths_from
-from lsm_train.models.registry import choice, flatten_inputs, positive_int, register_model
+from lsm_train.models.registry import flatten_inputs, positive_int, register_model
 
 __all__ = ["RBM", "DBN", "dbn"]
 
@@ -42,7 +42,7 @@ class RBM(nn.Module):
 
     def __init__(self, n_visible: int, n_hidden: int, visible: str = "bernoulli"):
         super().__init__()
-        self.visible = choice(visible, "visible", VISIBLE)
+        self.visible = check_choice(visible, "visible", VISIBLE)
         self.weight = nn.Parameter(torch.randn(n_hidden, n_visible) * 0.01)
         # the visible bias is only used by CD (never by forward), so it is a buffer: no
         # unused parameter for DDP or the fine-tuning optimizer; it is saved with the model
@@ -198,4 +198,4 @@ def dbn(
     ``sizes=[2048, 1024, 512]``."""
     h, w = image_size
     return DBN(in_channels * h * w, num_classes, widths_from(sizes, depth, "sizes"),
-               choice(visible, "visible", VISIBLE))
+               check_choice(visible, "visible", VISIBLE))

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lsm_train._validation import check_choice
 from lsm_train.models.registry import (
-    choice,
     flatten_inputs,
     int_list,
     positive_int,
@@ -39,7 +39,7 @@ ACTIVATIONS = {
 
 def make_activation(name: str) -> nn.Module:
     """A fresh activation module (never shared, so each hook fires once per forward)."""
-    return ACTIVATIONS[choice(name, "activation", list(ACTIVATIONS))]()
+    return ACTIVATIONS[check_choice(name, "activation", tuple(ACTIVATIONS))]()
 
 
 class MLP(nn.Module):

@@ -35,7 +35,6 @@ __all__ = [
     "check_hidden_layers",
     "positive_int",
     "int_list",
-    "choice",
 ]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -104,13 +103,6 @@ def int_list(value: Any, name: str, *, allow_empty: bool = False) -> list[int]:
         if vals or allow_empty:
             return vals
     raise ValueError(f"{name}: expected a non-empty list of positive integers, got {value!r}")
-
-
-def choice(value: Any, name: str, options: Sequence[str]) -> str:
-    """``value`` if it is one of ``options``, else a ValueError listing them."""
-    if value not in options:
-        raise ValueError(f"{name}: expected one of {list(options)}, got {value!r}")
-    return value
 
 
 def image_hw(image_size: Any) -> tuple[int, int]:

@@ -18,8 +18,9 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
+from lsm_train._validation import check_choice
 from lsm_train.models.cnn import conv_block
-from lsm_train.models.registry import choice, positive_int, register_model
+from lsm_train.models.registry import positive_int, register_model
 
 __all__ = ["LAYOUTS", "VGG", "vgg", "vgg11", "vgg16"]
 
@@ -68,7 +69,7 @@ def _build(num_classes, in_channels, image_size, layout, width, fc_width, dropou
     width = positive_int(width, "width")
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
-    layout = LAYOUTS[choice(layout, "layout", list(LAYOUTS))]
+    layout = LAYOUTS[check_choice(layout, "layout", tuple(LAYOUTS))]
     units = [c if c == "M" else max(1, c * width) for c in layout]  # layout in units of width
     return VGG(in_channels, num_classes, image_size, units,
                positive_int(fc_width, "fc_width"), float(dropout))
