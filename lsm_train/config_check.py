@@ -28,12 +28,12 @@ from omegaconf import DictConfig, OmegaConf
 from lsm_train._validation import SCHEMES
 from lsm_train.features import REDUCTIONS
 from lsm_train.guard.options import GUARD_MEASURES, SCOPES
+from lsm_train.measures.layer import METHODS
 from lsm_train.schedules import SCHEDULES
 
 __all__ = ["LSM_MODES", "validate_config", "check_keys", "allowed_keys"]
 
 LSM_MODES = ("off", "monitor", "loss", "guard", "both")
-MONITOR_METHODS = ("fisher", "degree", "margin", "soft")
 
 LSM_KEYS = ("mode", "layers", "monitor", "loss", "guard")
 MONITOR_KEYS = ("enabled", "method", "holdout", "budget", "probe_size", "test_size", "gather")
@@ -174,7 +174,7 @@ def _check_lsm(c: _Checks) -> None:
     hold = c["lsm.monitor.holdout"]
     c.need(hold is None or (_is_num(hold) and 0 < hold < 1),
            f"lsm.monitor.holdout: expected null or a fraction in (0, 1), got {hold!r}")
-    c.choice("lsm.monitor.method", MONITOR_METHODS)
+    c.choice("lsm.monitor.method", METHODS)
     budget = c["lsm.monitor.budget"]
     c.need(_is_num(budget) and 0 < budget <= 1,
            f"lsm.monitor.budget: expected a fraction in (0, 1], got {budget!r}")
