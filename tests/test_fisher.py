@@ -5,10 +5,14 @@ degree on zoo layers."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 from _references import brute_degree_2d
+from test_soft_static import SYNC_OPS
 from sklearn.covariance import ledoit_wolf_shrinkage
 from sklearn.metrics import roc_auc_score
 
@@ -232,3 +236,54 @@ def test_never_above_the_full_degree_and_close_to_it_on_zoo_layers(name):
         assert np.mean(list(full.values())) - np.mean(list(fast.values())) < 0.03
         cross = [lt.layer_separability(H, y, method=m, holdout=0.5) for m in ("degree", "fisher")]
         assert abs(cross[0] - cross[1]) < 0.03
+
+
+def test_repeated_calls_reuse_the_cpu_buffers_without_stale_values():
+    """The large temporaries are reused from call to call (same storage), and a call on
+    other features in between changes nothing: every buffer is overwritten before use."""
+    X, y = blobs(40, 4, 30, 0.5, seed=15)
+    H = torch.tensor(X, dtype=torch.float32)
+    other = torch.tensor(np.tanh(X * 3.0), dtype=torch.float32)
+    for holdout in (None, 0.5):
+        layout = FisherLayout(torch.tensor(y), "pairwise", holdout, seed=3)
+        first = fisher_values(H, layout)
+        storage = {key: t.data_ptr() for key, t in fisher_mod._BUFFERS.slots.items()}
+        assert {key[0] for key in storage} >= {"rows64", "gram", "gram64"}
+        fisher_values(other, layout)
+        assert torch.equal(fisher_values(H, layout), first)
+        assert {key: t.data_ptr() for key, t in fisher_mod._BUFFERS.slots.items()} == storage
+
+
+def test_buffers_are_bounded_per_thread(monkeypatch):
+    X, y = blobs(40, 4, 30, 0.5, seed=16)
+    layout = FisherLayout(torch.tensor(y), "pairwise", 0.5, seed=3)
+    H = torch.tensor(X, dtype=torch.float32)
+    expected = fisher_values(H, layout)
+    monkeypatch.setattr(fisher_mod._Buffers, "LIMIT_BYTES", 30 * 30 * 8 * 2)  # one gram64
+    fisher_mod._BUFFERS.clear()
+    assert torch.equal(fisher_values(H, layout), expected)
+    held = sum(t.numel() * t.dtype.itemsize for t in fisher_mod._BUFFERS.slots.values())
+    assert 0 < held <= fisher_mod._Buffers.LIMIT_BYTES
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(len(fisher_mod._BUFFERS.slots)))
+    thread.start()
+    thread.join()
+    assert seen == [0]  # another thread starts with its own, empty set
+
+
+@pytest.mark.parametrize("holdout", [None, 0.5])
+def test_scoring_reads_nothing_to_the_host(holdout, monkeypatch):
+    """Once the labels are laid out, scoring runs on meta tensors (no value can be read
+    there; primal and dual) and, with the accelerators' Cholesky path, calls no sync-type
+    operator (the CPU's LU solve checks its pivots on the host, where that costs nothing)."""
+    monkeypatch.setattr(fisher_mod, "_use_lu", lambda device: False)
+    y = torch.arange(60) % 4
+    meta = FisherLayout(y, "pairwise", holdout, seed=0, device="meta")
+    for d in (8, 200):
+        values = pair_values(pair_scores(torch.empty(2, 60, d, device="meta"), meta), meta)
+        assert values.shape == (2, 6) and values.device.type == "meta"
+    layout = FisherLayout(y, "pairwise", holdout, seed=0)
+    H = torch.randn(60, 30)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fisher_values(H, layout)
+    assert not {e.key for e in prof.key_averages()} & set(SYNC_OPS)
