@@ -264,7 +264,8 @@ def _factorize(A: torch.Tensor):
     if _use_lu(A.device):
         pivots = torch.empty(A.shape[:-1], dtype=torch.int32, device=A.device)
         info = torch.empty(A.shape[:-2], dtype=torch.int32, device=A.device)
-        LU, pivots, info = torch.linalg.lu_factor_ex(A.mT, out=(A.mT, pivots, info))
+        LU = A.mT  # one view as input and output: no copy onto itself
+        LU, pivots, info = torch.linalg.lu_factor_ex(LU, out=(LU, pivots, info))
         return (lambda r: torch.linalg.lu_solve(LU, pivots, r)), info
     L, info = torch.linalg.cholesky_ex(A)
 
