@@ -146,8 +146,7 @@ class FisherLayout:
                         for p in splits]
             m = max(r.numel() for r in rows)
             self.fit_rows = torch.cat([F.pad(r, (0, m - r.numel())) for r in rows])
-            pad = [torch.arange(r.numel(), m) + k * m for k, r in enumerate(rows)]
-            pad = torch.cat(pad)
+            pad = torch.cat([torch.arange(r.numel(), m) + k * m for k, r in enumerate(rows)])
             self.pad_rows = pad if pad.numel() else None  # zeroed after the gather
             part_cls = [F.pad(c, (0, m - c.numel()), value=len(classes)) for c in part_cls]
         self.classes = classes
@@ -164,9 +163,9 @@ class FisherLayout:
         onehot = torch.stack([F.one_hot(c, C + 1)[:, :C] for c in part_cls]).double()
         self.onehot = onehot  # (F, m, C); padded rows are zero
         self.counts = onehot.sum(1)  # (F, C)
-        self.mix = self._mix(first, second if scheme == "pairwise" else None)  # (F, C, K)
-        self.part_mix = self.mix.flip(0)  # (parts, C, K): the mix of the fold scoring each
-        # part (cross-fitted: the other part's fold; in-sample: the one fold)
+        # (parts, C, K): the mix of the fold that scores each part (cross-fitted: the fold
+        # fitted on the other part; in-sample: the one fold)
+        self.part_mix = self._mix(first, second if scheme == "pairwise" else None).flip(0)
         self._eval_positions(part_cls, first, second if scheme == "pairwise" else None)
         if device is not None:
             self.to(device)
@@ -207,8 +206,8 @@ class FisherLayout:
 
     def to(self, device) -> FisherLayout:
         """Move the index tensors to ``device`` (in place); returns self."""
-        for name in ("fit_rows", "pad_rows", "onehot", "counts", "mix", "part_mix", "ia",
-                     "ma", "ib", "mb", "total"):
+        for name in ("fit_rows", "pad_rows", "onehot", "counts", "part_mix", "ia", "ma",
+                     "ib", "mb", "total"):
             value = getattr(self, name)
             setattr(self, name, None if value is None else value.to(device))
         return self
