@@ -2,8 +2,8 @@
 # The checks we run on a GPU machine (the "On a GPU" figures in the README), in one go:
 #   1. the CUDA tests and the real torchvision/timm model tests,
 #   2. bench/soft_latency.py (fused, static eager, compiled, CUDA-graph replay),
-#      bench/step_overhead.py (reference and static LSMLoss, eager and compiled) and
-#      bench/zoo.py on the GPU,
+#      bench/step_overhead.py (reference and static LSMLoss, eager and compiled),
+#      bench/zoo.py and the fast monitoring score (bench/monitor.py) on the GPU,
 #   3. the whole fast test suite with trainer.device=auto resolving to cuda.
 #
 #   OUT=gpu-out bash bench/gpu_check.sh        # logs land in $OUT
@@ -30,7 +30,7 @@ echo "== 1. CUDA tests, real torchvision/timm models"
 timeout 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_margin.py \
   tests/test_models.py 2>&1 | tee "$OUT/tests_cuda.log" | tail -25
 
-echo "== 2. soft measure latency, step overhead and zoo on the GPU"
+echo "== 2. soft measure latency, step overhead, zoo and monitor score on the GPU"
 timeout 150 $PY bench/soft_latency.py --device cuda --compile --repeats 50 \
   --sizes 128x256,128x2048,512x256,512x2048 2>&1 | tee "$OUT/soft_latency_cuda.txt"
 timeout 200 $PY bench/step_overhead.py --device cuda --compile --models convnet --reps 5 \
@@ -38,6 +38,8 @@ timeout 200 $PY bench/step_overhead.py --device cuda --compile --models convnet 
   2>&1 | tee "$OUT/step_overhead_cuda.txt"
 timeout 60 $PY bench/zoo.py --device cuda --gpu-scale --repeats 5 --warmup 2 2>&1 \
   | tee "$OUT/zoo_cuda.txt"
+timeout 60 $PY bench/monitor.py --only time --device cuda --n 1024 4096 --d 512 \
+  --repeats 20 2>&1 | tee "$OUT/monitor_cuda.txt"  # the fast score's target: <= 2 ms
 
 echo "== 3. the fast suite, device=auto -> cuda"
 timeout 170 $PY -m pytest -q -p no:cacheprovider -rs --timeout 100 2>&1 \
