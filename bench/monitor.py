@@ -6,6 +6,7 @@
     .venv/bin/python bench/monitor.py --only time --n 1024 --d 512
     .venv/bin/python bench/monitor.py --only time --clock cpu   # on a machine shared with others
     .venv/bin/python bench/monitor.py --only gap --families vgg
+    .venv/bin/python bench/monitor.py --only zoo     # one monitor evaluation per zoo family
 
 (a) Per-layer cost of ``layer_separability(H, y, method="fisher")`` and of
     ``method="degree"`` (pairwise, 10 classes) at n = 512, 1,024, 4,096 and d = 64, 512,
@@ -18,6 +19,12 @@
     and after 1 epoch of AdamW) on the first 512 training samples of digits, in-sample and
     cross-fitted: mean and worst over layers, and the largest value of ``fisher − degree``
     (the fast score is a lower bound of the in-sample degree; any positive value is shown).
+(c) One monitor evaluation of the trainer (``evaluation.LayerMonitor``: probe and test
+    forward, every hidden layer of the family scored on both sets, cross-fitted) on each
+    untrained zoo family, with a 512-sample probe and the digits test set: the number of
+    layers and their widths, the whole evaluation with the fast score, its forward passes
+    alone, and the scoring of both sets alone with the fast score (medians of
+    ``--repeats``) and with the degree (one run); ratio = degree / fast scoring.
 
 Timings are wall-clock (``--clock wall``) on whatever else the machine runs: compare the
 columns of one run. ``--clock cpu`` times the CPU time of this process instead
@@ -39,9 +46,10 @@ import torch.nn.functional as F
 
 import lsm_train as lt
 from lsm_train.data import load_data
+from lsm_train.evaluation import LayerMonitor
 from lsm_train.measures.fisher import FisherLayout
 from lsm_train.models import create_model
-from lsm_train.monitor import capture, score_sets
+from lsm_train.monitor import capture, score_layers, score_sets
 
 
 def machine() -> str:
@@ -153,27 +161,63 @@ def gap_table(families, n: int) -> None:
               f"worst {g.max():.4f}, largest fisher − degree {-g.min():.4f}")
 
 
+def zoo_evaluation_table(families, n: int, repeats: int, clock=time.perf_counter) -> None:
+    bundle = load_data("digits")
+    probe = bundle.train.batch(torch.arange(n))
+    test = bundle.test.batch(torch.arange(min(n, len(bundle.test))))
+    print(f"\n(c) one monitor evaluation (probe {n} + test {test[1].numel()}, cross-fitted,"
+          " untrained, digits, ms):\n    the whole evaluation with the fast score, its"
+          " forward passes alone, and the scoring\n    of both sets' layers alone, fast and"
+          " degree; ratio = degree / fast scoring")
+    print(f"{'family':>10} {'layers':>6} {'widths':>10} {'evaluation':>10} {'forward':>8} "
+          f"{'fisher':>8} {'degree':>9} {'ratio':>7}")
+    for name in families:
+        torch.manual_seed(0)
+        model = create_model(name, num_classes=bundle.num_classes,
+                             in_channels=bundle.in_channels, image_size=bundle.image_size)
+        layers = list(model.hidden_layers)
+        sets = [(capture(model, *probe, layers)[0], probe[1]),
+                (capture(model, *test, layers)[0], test[1])]
+        widths = sorted({H.shape[1] for H in sets[0][0].values()})
+        span = f"{widths[0]}–{widths[-1]}" if len(widths) > 1 else str(widths[0])
+        monitor = LayerMonitor(layers, probe, bundle.test, n, method="fisher")
+        monitor(model)  # builds the label layouts, as the first evaluation of a run does
+        evaluation = seconds(lambda mon=monitor, m=model: mon(m), repeats, clock)
+        forward = seconds(lambda m=model, ls=layers: (capture(m, *probe, ls),
+                                                       capture(m, bundle.test, None, ls,
+                                                               keep=n)), repeats, clock)
+        layouts = [(f, FisherLayout(y, "pairwise", 0.5, 0)) for f, y in sets]
+        fast = seconds(lambda: score_sets(layouts), repeats, clock)
+        full = seconds(lambda: [score_layers(f, y, method="degree") for f, y in sets], 1, clock)
+        print(f"{name:>10} {len(layers):>6} {span:>10} {evaluation * 1e3:10.1f} "
+              f"{forward * 1e3:8.1f} {fast * 1e3:8.1f} {full * 1e3:9.1f} "
+              f"{full / fast:6.1f}x", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--only", choices=("time", "gap"))
+    p.add_argument("--only", choices=("time", "gap", "zoo"))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--n", type=int, nargs="*", help="sample sizes (default: the issue's)")
     p.add_argument("--d", type=int, nargs="*", help="widths (default: the issue's)")
     p.add_argument("--clock", choices=tuple(CLOCKS), default="wall")
-    p.add_argument("--families", nargs="*", help="zoo families of the gap table (default: all)")
+    p.add_argument("--families", nargs="*",
+                   help="zoo families of the gap and zoo tables (default: all)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(machine(), f"; clock: {args.clock}")
-    if args.only != "gap":
+    fams = ("mlp", "cnn") if args.quick else (
+        "mlp", "cnn", "dbn", "resnet", "vgg", "alexnet", "vit", "googlenet")
+    if args.only in (None, "time"):
         ns, ds = ((512, 1024), (64, 512)) if args.quick else ((512, 1024, 4096), (64, 512, 2048))
         timing_table(args.n or ns, args.d or ds, args.repeats, args.device, CLOCKS[args.clock])
-    if args.only != "time":
-        fams = ("mlp", "cnn") if args.quick else (
-            "mlp", "cnn", "dbn", "resnet", "vgg", "alexnet", "vit", "googlenet")
+    if args.only in (None, "gap"):
         gap_table(args.families or fams, 512)
+    if args.only in (None, "zoo"):
+        zoo_evaluation_table(args.families or fams, 512, args.repeats, CLOCKS[args.clock])
 
 
 if __name__ == "__main__":
