@@ -187,8 +187,9 @@ def zoo_evaluation_table(families, n: int, repeats: int, clock=time.perf_counter
                                                        capture(m, bundle.test, None, ls,
                                                                keep=n)), repeats, clock)
         layouts = [(f, FisherLayout(y, "pairwise", 0.5, 0)) for f, y in sets]
-        fast = seconds(lambda: score_sets(layouts), repeats, clock)
-        full = seconds(lambda: [score_layers(f, y, method="degree") for f, y in sets], 1, clock)
+        fast = seconds(lambda ls=layouts: score_sets(ls), repeats, clock)
+        full = seconds(lambda ss=sets: [score_layers(f, y, method="degree") for f, y in ss], 1,
+                       clock)
         print(f"{name:>10} {len(layers):>6} {span:>10} {evaluation * 1e3:10.1f} "
               f"{forward * 1e3:8.1f} {fast * 1e3:8.1f} {full * 1e3:9.1f} "
               f"{full / fast:6.1f}x", flush=True)

@@ -10,11 +10,11 @@ import threading
 import numpy as np
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 from _references import brute_degree_2d
-from test_soft_static import SYNC_OPS
 from sklearn.covariance import ledoit_wolf_shrinkage
 from sklearn.metrics import roc_auc_score
+from test_soft_static import SYNC_OPS
+from torch.profiler import ProfilerActivity, profile
 
 import lsm_train as lt
 import lsm_train.measures.fisher as fisher_mod

@@ -8,6 +8,7 @@ import signal
 
 import pytest
 import torch
+from test_build import _lrs
 
 from lsm_train.app import compose
 from lsm_train.checkpoint import load_checkpoint
@@ -159,13 +160,7 @@ def test_schedules():
     def lrs(cfg: dict, total: int, steps: int) -> list[float]:
         """The lr of each of the first ``steps`` steps under the schedule ``cfg``."""
         opt = torch.optim.SGD([p], lr=1.0)
-        sch = build_scheduler(opt, cfg, total)
-        seen = []
-        for _ in range(steps):
-            seen.append(opt.param_groups[0]["lr"])
-            opt.step()
-            sch.step()
-        return seen
+        return _lrs(build_scheduler(opt, cfg, total), opt, steps)
 
     cosine = lrs({"name": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1}, 12, 12)
     assert cosine[0] == pytest.approx(0.5) and cosine[1] == pytest.approx(1.0)
